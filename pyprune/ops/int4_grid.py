@@ -2,21 +2,35 @@
 
 * Integers are signed 4-bit, ``-8 ... 7``; zero is exactly representable, so a pruned weight
   stays exactly zero after quantization.
-* One scale per output row per group of ``groupsize`` consecutive input columns
-  (``groupsize=-1``: one group spanning the whole row). Scales are positive and are rounded to
-  float16 when fitted, so the packed checkpoint (fp16 scales) represents them exactly.
-* A weight is ``scale * q``; min-max fit: ``scale = max|w| / 7`` over the group, so the largest
-  magnitude maps to +-7 and -8 is only reached by values pushed there by error compensation.
+* One scale per output row per group of ``groupsize`` consecutive input columns, in the original
+  column order (``groupsize=-1``: one group spanning the whole row). The group size must divide
+  the layer width; there are no ragged groups. Scales are positive and are rounded to float16
+  when fitted, so the packed checkpoint (fp16 scales) represents them exactly.
+* A weight is ``scale * q``; min-max fit: ``scale = max|w| / 7`` over the group's kept weights
+  (pruned ones do not count), so the largest magnitude maps to +-7 and -8 is only reached by
+  values pushed there by error compensation.
+* ``scale * q`` is exact in float32 (11 significant bits times 4), so the dequantized float32
+  weight and the pair (codes, scales) carry exactly the same information. It is generally NOT
+  exact in float16/bfloat16: there, the codes and scales are the truth.
+
+Tensors: codes ``int8 [out, in]``, scales ``float32 [out, in // groupsize]`` (fp16-exact).
 """
 import torch
 
 QMIN = -8
 QMAX = 7
+BITS = 4
+SCALE_BITS = 16  # scales are stored as float16
 VALID_GROUPSIZES = (-1, 32, 64, 128, 256)
 
 
 def check_groupsize(groupsize: int, in_features: int) -> int:
-    """Validate a group size against a layer width; returns the effective group size."""
+    """Validate a group size against a layer width; returns the effective group size.
+
+    A group size equal to the width is the resolved form of -1 (per channel) and is accepted.
+    """
+    if groupsize == in_features:
+        return in_features
     if groupsize not in VALID_GROUPSIZES:
         raise ValueError(
             f"groupsize={groupsize} is not supported; allowed: {', '.join(map(str, VALID_GROUPSIZES))}"
@@ -25,9 +39,10 @@ def check_groupsize(groupsize: int, in_features: int) -> int:
     if groupsize == -1:
         return in_features
     if in_features % groupsize:
+        fitting = [str(g) for g in VALID_GROUPSIZES if g == -1 or in_features % g == 0]
         raise ValueError(
             f"groupsize={groupsize} does not divide the layer width {in_features}; "
-            "use a group size that divides it or -1 (per channel)"
+            f"group sizes valid for this width: {', '.join(fitting)} (-1 = per channel)"
         )
     return groupsize
 
@@ -52,3 +67,68 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``w`` moved to its nearest grid point (float32)."""
     return dequantize(quantize(w, scale), scale)
+
+
+# Whole-matrix helpers (groups in the original column order).
+
+def fit_group_scales(W: torch.Tensor, groupsize: int, pruned: torch.Tensor = None) -> torch.Tensor:
+    """Min-max scales ``[rows, cols // groupsize]`` of every group; pruned weights excluded."""
+    rows, cols = W.shape
+    g = check_groupsize(groupsize, cols)
+    W = W.float()
+    if pruned is not None:
+        W = W.masked_fill(pruned, 0.0)
+    return fit_scale(W.reshape(rows * (cols // g), g)).reshape(rows, cols // g)
+
+
+def expand_scales(scales: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """``[rows, ngroups]`` -> ``[rows, ngroups * groupsize]``: the scale of every weight."""
+    return scales.float().repeat_interleave(groupsize, dim=1)
+
+
+def _resolve(scales: torch.Tensor, groupsize: int, cols: int) -> int:
+    g = check_groupsize(groupsize, cols)
+    if scales.shape[1] != cols // g:
+        raise ValueError(
+            f"scales have {scales.shape[1]} groups per row, but width {cols} with groupsize "
+            f"{groupsize} needs {cols // g}"
+        )
+    return g
+
+
+def quantize_groups(W: torch.Tensor, scales: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """Round ``W`` to the grid of ``scales``: int8 codes in ``-8..7`` ([rows, cols])."""
+    g = _resolve(scales, groupsize, W.shape[1])
+    return quantize(W, expand_scales(scales, g)).to(torch.int8)
+
+
+def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """``scale * q`` as float32 (exact)."""
+    g = _resolve(scales, groupsize, codes.shape[1])
+    return codes.float() * expand_scales(scales, g)
+
+
+def encode(W: torch.Tensor, scales: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """Codes of a weight that already lies on the grid; raises if any value is off the grid.
+
+    Used to turn a solver's dequantized float32 output into (codes, scales) without loss.
+    """
+    codes = quantize_groups(W, scales, groupsize)
+    back = dequantize_groups(codes, scales, groupsize)
+    off = back != W.float()
+    if off.any():
+        r, c = (int(i) for i in torch.nonzero(off)[0])
+        raise ValueError(
+            f"weight is not on the INT4 grid: {int(off.sum())} values differ from scale * code, "
+            f"e.g. W[{r}, {c}] = {float(W[r, c])!r} vs {float(back[r, c])!r}"
+        )
+    return codes
+
+
+def check_scales(scales: torch.Tensor) -> None:
+    """Scales must be positive, finite and exactly representable in float16."""
+    s = scales.float()
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError("INT4 scales must be positive and finite")
+    if not torch.equal(s.to(torch.float16).float(), s):
+        raise ValueError("INT4 scales must be exactly representable in float16")

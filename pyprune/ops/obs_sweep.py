@@ -69,10 +69,8 @@ def obs_sweep(
         n, m = nm
         if cols % m or blocksize % m:
             raise ValueError(f"N:M group size {m} must divide the width {cols} and the block size {blocksize}")
-    if quant is not None and quant.static_scales is None:
-        g = quant.groupsize
-        if cols % g or not (blocksize % g == 0 or g % blocksize == 0):
-            raise ValueError(f"groupsize {g} must divide the width {cols} and nest with block size {blocksize}")
+    if quant is not None:
+        _check_quant(quant, rows, cols, blocksize)
 
     with no_tf32():
         W = W.float().clone()
@@ -85,6 +83,7 @@ def obs_sweep(
                 torch.zeros(rows, ngroups, device=W.device)
         loss = torch.zeros(rows, device=W.device, dtype=torch.float64)
         scale = None
+        spanning = quant is not None and quant.static_scales is None and quant.groupsize > blocksize
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
             W1 = W[:, i1:i2].clone()
@@ -92,13 +91,32 @@ def obs_sweep(
             prune1 = prune[:, i1:i2].clone()
             if pruned is None and nm is None and sparsity > 0:
                 _select_unstructured(W1, U1, prune1, sparsity)
-            Q1, Err1, scale, block_loss = _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
+            # A group reaching past this block is fitted partly on columns not swept yet; a
+            # fixed mask's pruned weights there must not widen its scale.
+            Wfit = W.masked_fill(prune, 0.0) if pruned is not None and spanning else W
+            Q1, Err1, scale, block_loss = _sweep_block(W1, U1, prune1, nm, quant, scales, Wfit, i1, i2, scale)
             loss += block_loss
             prune[:, i1:i2] = prune1
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
         W[prune] = 0.0
     return SweepResult(weight=W, pruned=prune, loss=float(loss.sum()), scales=scales)
+
+
+def _check_quant(quant, rows, cols, blocksize):
+    g = quant.groupsize
+    if g <= 0 or cols % g:
+        raise ValueError(f"groupsize {g} must divide the width {cols}")
+    if quant.static_scales is not None:
+        if tuple(quant.static_scales.shape) != (rows, cols // g):
+            raise ValueError(
+                f"static_scales must be [{rows}, {cols // g}], got {tuple(quant.static_scales.shape)}"
+            )
+        if quant.group_of_column is None or quant.group_of_column.numel() != cols:
+            raise ValueError(f"static_scales need group_of_column with one group index per column ({cols})")
+    elif not (blocksize % g == 0 or g % blocksize == 0 or g == cols):
+        # A per-channel group (g == cols) may end inside a block; other groups must nest.
+        raise ValueError(f"groupsize {g} must nest with block size {blocksize} (one divides the other)")
 
 
 def _select_unstructured(W1, U1, prune1, sparsity):

@@ -1,0 +1,84 @@
+"""GPTQ (Frantar et al., 2022): INT4 with OBS error compensation, optionally around a fixed mask.
+
+Steps: dead inputs (zero Hessian diagonal) get weight 0; ``U`` = upper Cholesky factor of
+``(H + damp I)^-1``; the OBS sweep (``pyprune.ops.obs_sweep``) freezes columns left to right in
+128-column lazy blocks, moving each to its grid point and spreading the error over the columns
+not yet frozen. A group's scale is fitted when the sweep reaches the group's first column, on the
+weights as updated so far.
+
+``act_order``: columns are swept in order of decreasing Hessian diagonal (most active inputs
+first). Groups stay *static*: every group is ``groupsize`` consecutive columns of the original
+order and its scale is fitted before the sweep, so a group's scale is one contiguous run in the
+stored layout (no ``g_idx`` indirection for kernels).
+
+``pruned`` (bool, True = removed) makes it mask-preserving: pruned weights are set to exactly
+zero when their column is frozen (their current value is error compensated like any other), and
+scales are fitted on kept weights only, so all compensation ends up in kept weights and the mask
+comes back bit-identical. ``W`` may hold the pruned solver's output (zeros at pruned positions,
+e.g. ADMM) or the dense weights (then the pruning error is compensated in the same sweep).
+"""
+from typing import Optional
+
+import torch
+
+from pyprune.ops import int4_grid
+from pyprune.ops.hessian import inverse_hessian_factor, no_tf32
+from pyprune.ops.obs_sweep import QuantSpec, obs_sweep
+from pyprune.solvers.base import LayerStats
+from pyprune.solvers.quant_result import QuantResult, check_mask, make_result
+
+
+def solve(
+    W: torch.Tensor,
+    stats: LayerStats,
+    *,
+    groupsize: int = 128,
+    act_order: bool = False,
+    pruned: Optional[torch.Tensor] = None,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    **_,
+) -> QuantResult:
+    if stats is None or stats.H is None:
+        raise ValueError("gptq needs calibration statistics (a Hessian); use method='rtn' without them")
+    rows, cols = W.shape
+    if tuple(stats.H.shape) != (cols, cols):
+        raise ValueError(f"Hessian must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, got {tuple(stats.H.shape)}")
+    g = int4_grid.check_groupsize(groupsize, cols)
+    pruned = check_mask(pruned, W)
+    with no_tf32():
+        H = stats.H.float().to(W.device)
+        W32 = W.float().clone()
+        dead = torch.diag(H) == 0
+        W32[:, dead] = 0.0
+        if act_order:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+            static = int4_grid.fit_group_scales(W32, g, pruned)
+            quant = QuantSpec(groupsize=g, static_scales=static, group_of_column=perm // g)
+            H = H[perm][:, perm]
+        else:
+            perm = None
+            quant = QuantSpec(groupsize=g)
+        factor = inverse_hessian_factor(H, damp)
+        sweep = obs_sweep(
+            W32 if perm is None else W32[:, perm],
+            factor.U,
+            pruned=None if pruned is None else (pruned if perm is None else pruned[:, perm]),
+            quant=quant,
+            blocksize=blocksize,
+        )
+        weight = sweep.weight
+        if perm is not None:
+            inverse = torch.argsort(perm)
+            weight = weight[:, inverse]
+    info = {
+        "method": "gptq",
+        "act_order": bool(act_order),
+        "obs_loss": sweep.loss,
+        "damp": factor.damp_fraction,
+        "cholesky_attempts": factor.attempts,
+        "dead_inputs": int(dead.sum()),
+    }
+    if pruned is None:
+        pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    return make_result(W, weight, sweep.scales, pruned, g, stats.H.to(W.device), info)
