@@ -13,7 +13,9 @@ The accounting model (what a compressed checkpoint or kernel must hold):
 ``bits_per_weight`` divides the total by the number of weights of the dense matrix, so fp16
 dense is 16, INT4 g128 dense is 4.125, 2:4 + INT4 g128 is 3.125.
 """
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -105,10 +107,8 @@ def layer_storage(
 
 def total_storage(costs: Iterable[StorageCost]) -> StorageCost:
     """Sum of per-layer costs (e.g. every pruned/quantized Linear of a model)."""
-    total = StorageCost(0, 0, 0, 0, "empty")
-    for cost in costs:
-        total = cost if total.layout == "empty" else total + cost
-    return total
+    costs = list(costs)
+    return functools.reduce(operator.add, costs) if costs else StorageCost(0, 0, 0, 0, "empty")
 
 
 def model_size_bytes(linear_costs: Iterable[StorageCost], other_params_bytes: int = 0) -> int:

@@ -13,7 +13,8 @@ import torch
 from pyprune.ops import int4_grid
 from pyprune.ops.obs_sweep import QuantSpec
 from pyprune.solvers import gptq, rtn, sparsegpt
-from pyprune.solvers.base import LayerStats
+from pyprune.solvers.base import LayerStats, SolverResult
+from pyprune.solvers.compressed_size import StorageCost, layer_storage, total_storage
 from pyprune.solvers.pattern import SparsityPattern
 from pyprune.solvers.quant_result import QuantResult, make_result
 
@@ -62,3 +63,76 @@ def prune_and_quantize(
     info = {key: value for key, value in result.info.items() if key != "scales"}
     info.update(method="sparsegpt+gptq", pattern=str(pattern))
     return make_result(W, result.weight, result.info["scales"], result.pruned, g, stats.H.to(W.device), info)
+
+
+def no_pruning(W: torch.Tensor, stats: Optional[LayerStats] = None, pattern: SparsityPattern = None, **_) -> SolverResult:
+    """The solver for ``--method none``: keeps every weight (quantization only)."""
+    return SolverResult(W.clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device), 0.0, {})
+
+
+def sparsegpt_int4_solver(groupsize: int = 128):
+    """A solver (``solve(W, stats, pattern, **options) -> SolverResult``) running the joint
+    SparseGPT + INT4 sweep; its result carries the :class:`QuantResult` as
+    ``info["quant_result"]`` for :class:`LayerQuantizer` to record without quantizing again.
+    The weight is float32 (exactly on the grid)."""
+
+    def solve(W, stats, pattern, *, damp=0.01, blocksize=128, **_):
+        q = prune_and_quantize(W, stats, pattern, groupsize=groupsize, damp=damp, blocksize=blocksize)
+        info = dict(q.info, quant_result=q)
+        return SolverResult(q.weight, q.pruned, q.loss, info)
+
+    return solve
+
+
+class LayerQuantizer:
+    """Quantizes each Linear right after its pruning solver (``post_solve`` hook).
+
+    ``quantizer(name, W_pruned, solver_result, stats) -> (weight, report_fields)``: runs
+    :func:`quantize_layer` with the solver's mask (kept bit-identical), or, when the solver was the
+    joint sweep (``info["quant_result"]``), takes its result as is. Every :class:`QuantResult` is
+    kept (on CPU) in ``self.results[name]`` for the sidecar (``pyprune.formats.quant_state``).
+    ``nm=(n, m)`` makes the storage accounting use the N:M layout.
+    """
+
+    needs_statistics = True
+
+    def __init__(self, method: str = "gptq", groupsize: int = 128, act_order: bool = False,
+                 nm: Optional[tuple] = None, **options):
+        if method not in QUANTIZERS:
+            raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
+        self.method, self.groupsize, self.act_order, self.nm = method, groupsize, act_order, nm
+        self.options = options
+        self.needs_statistics = method != "rtn"
+        self.results = {}
+
+    def __call__(self, name, W_pruned, solver_result, stats):
+        q = solver_result.info.get("quant_result")
+        if q is None:
+            q = quantize_layer(W_pruned, stats, method=self.method, groupsize=self.groupsize,
+                               act_order=self.act_order, pruned=solver_result.pruned, **self.options)
+            if not torch.equal(q.pruned, solver_result.pruned):
+                raise AssertionError(f"{name}: quantization changed the sparsity mask")
+        self.results[name] = QuantResult(
+            q.weight, q.qweight.cpu(), q.scales.cpu(), q.pruned.cpu(), q.groupsize, q.loss,
+            {k: v for k, v in q.info.items() if k != "quant_result"},
+        )
+        cost = layer_storage(q.qweight.shape, wbits=4, groupsize=q.groupsize, pruned=q.pruned, nm=self.nm)
+        fields = {
+            "wbits": 4,
+            "groupsize": self.groupsize,
+            "quant_method": q.info.get("method", self.method),
+            "act_order": bool(q.info.get("act_order", False)),
+            "quant_loss": q.loss,
+            "quant_rel_error": q.info.get("rel_error", float("nan")),
+            "bits_per_weight": cost.bits_per_weight,
+            "compressed_bytes": cost.nbytes,
+            "storage_layout": cost.layout,
+        }
+        return q.weight, fields
+
+    def storage(self) -> StorageCost:
+        """Total storage of every Linear quantized so far."""
+        return total_storage(
+            layer_storage(q.qweight.shape, wbits=4, groupsize=q.groupsize, pruned=q.pruned, nm=self.nm)
+            for q in self.results.values()
+        )
