@@ -1,0 +1,313 @@
+"""Shared pieces of the packed-weight matmul kernels: launch configurations, the tile order,
+the split-K epilogue and reduction, and a small per-shape tuner.
+
+Every kernel computes ``y = x @ W^T`` (``x [M, K]`` fp16/bf16, packed ``W [N, K]``), decoding the
+weight tile in registers and accumulating in fp32. Two paths:
+
+* decode (``M <= 16``): one 16-row tile covers all of ``x``, so each packed weight byte is read
+  exactly once; the K loop is split across ``split_k`` programs (GEMV style) so that enough
+  programs stream the weight, and a second tiny kernel sums the fp32 partials. Default variant
+  ``"split"``: the compact packed tile is loaded once and multiplied field by field (one
+  ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching strided
+  columns of x, which is tiny and cached).
+* prefill (large ``M``): variant ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is
+  rebuilt in registers (each packed word fetched by every lane that needs one of its fields,
+  served from L1) and fed to one ``tl.dot`` against a contiguous x tile; 2-D tiles in grouped
+  order for L2 reuse. Variant ``"dense"``: decode the weight with a Triton kernel and call
+  ``torch.matmul`` (cuBLAS), a candidate for very large M.
+
+On a GPU the first call for a shape times a few candidate configurations (``triton.testing``)
+and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the heuristic default. Under
+``TRITON_INTERPRET=1`` one fixed small configuration is used and tile operands are upcast to fp32
+before ``tl.dot`` (the interpreter's bf16 dot is wrong).
+"""
+import os
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+DECODE_MAX_M = 16
+TUNE_ENV = "PYPRUNE_TRITON_TUNE"
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    variant: str = "tile"  # "tile", "split" (decode) or "dense" (see the module docstring)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def m_bucket(m: int) -> int:
+    """Shapes are tuned per power-of-two bucket of M (capped at 4096)."""
+    return min(next_pow2(m), 4096)
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n."""
+    b = cap
+    while b > 1 and n % b:
+        b //= 2
+    return b
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def choose_split_k(n_tiles_mn: int, k_tiles: int, device) -> int:
+    """Enough programs to fill the GPU about twice, never more splits than K tiles."""
+    target = 2 * _num_sms(device)
+    split = 1
+    while split * 2 <= k_tiles and n_tiles_mn * split * 2 <= target:
+        split *= 2
+    return split
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    """What a format's kernels accept: ``block_k_max`` (BLOCK_K must divide the group size, a
+    power of two <= 256) and ``split_block_k`` (smallest BLOCK_K of the "split" variant: 16
+    rows per field dot, i.e. 128 for INT4's 8 fields, 64 for the 4 positions of 2:4)."""
+
+    block_k_max: int
+    split_block_k: int
+
+    @property
+    def split_ok(self) -> bool:
+        return self.block_k_max >= self.split_block_k
+
+
+def _decode_config(N, K, bk, bn, variant, device, num_stages=3) -> KernelConfig:
+    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device)
+    return KernelConfig(16, bn, bk, split_k=split, num_warps=4, num_stages=num_stages, variant=variant)
+
+
+def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> KernelConfig:
+    """The heuristic configuration (used by the interpreter and when tuning is off)."""
+    if interpreting():
+        if M <= DECODE_MAX_M:
+            if limits.split_ok:
+                bk, variant = limits.split_block_k, "split"
+            else:
+                bk, variant = min(32, limits.block_k_max), "tile"
+            return KernelConfig(16, 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant=variant)
+        return KernelConfig(32, 32, min(32, limits.block_k_max), split_k=1, num_warps=4, num_stages=1)
+    if M <= DECODE_MAX_M:
+        if limits.split_ok:
+            return _decode_config(N, K, max(limits.split_block_k, min(128, limits.block_k_max)), 64, "split", device)
+        return _decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device)
+    return KernelConfig(128, 128, min(64, limits.block_k_max), split_k=1, group_m=8, num_warps=8, num_stages=3)
+
+
+def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allow_dense: bool) -> list:
+    """A short list of configurations worth timing for this shape (the default first)."""
+    first = default_config(M, N, K, limits, device)
+    cands = [first]
+    if M <= DECODE_MAX_M:
+        for bn in (32, 64, 128):
+            for bk in (64, 128, 256):
+                bk = min(bk, limits.block_k_max)
+                variant = "split" if bk >= limits.split_block_k else "tile"
+                for stages in (2, 4):
+                    cands.append(_decode_config(N, K, bk, bn, variant, device, stages))
+        cands.append(_decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device))
+    else:
+        for bm, bn, bk, warps, stages in (
+            (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
+            (128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
+        ):
+            if bm > 2 * next_pow2(M):
+                continue
+            cands.append(KernelConfig(bm, bn, min(bk, limits.block_k_max), num_warps=warps, num_stages=stages))
+        if allow_dense:
+            cands.append(replace(first, variant="dense"))
+    seen, unique = set(), []
+    for c in cands:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
+_TUNED = {}
+_TUNE_LOCK = threading.Lock()
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get(TUNE_ENV, "1") not in ("0", "")
+
+
+def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=False) -> KernelConfig:
+    """The configuration for this shape: fixed under the interpreter or with tuning off, else the
+    fastest candidate (timed once per key and cached; candidates that fail to compile or run out
+    of shared memory are skipped)."""
+    if interpreting() or device.type != "cuda" or not tuning_enabled():
+        return default_config(M, N, K, limits, device)
+    with _TUNE_LOCK:
+        if key in _TUNED:
+            return _TUNED[key]
+        best, best_ms = None, float("inf")
+        for cfg in candidate_configs(M, N, K, limits, device, allow_dense):
+            try:
+                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+            except Exception:  # noqa: BLE001 - a config that does not fit this GPU is just skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"no kernel configuration could run for {key}")
+        _TUNED[key] = best
+        return best
+
+
+def tuned_configs() -> dict:
+    """What the tuner picked so far (for benchmark reports)."""
+    return dict(_TUNED)
+
+
+def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
+    if cfg.variant not in ("tile", "split", "dense"):
+        raise ValueError(f"unknown kernel variant {cfg.variant!r}; allowed: tile, split, dense")
+    if cfg.variant == "dense":
+        return
+    if cfg.block_k > limits.block_k_max or limits.block_k_max % cfg.block_k:
+        raise ValueError(f"block_k={cfg.block_k} must be a power of two dividing {limits.block_k_max}")
+    if cfg.variant == "split" and (cfg.block_k < limits.split_block_k or M > cfg.block_m):
+        raise ValueError(
+            f"the split variant needs block_k >= {limits.split_block_k} and M <= block_m "
+            f"(got block_k={cfg.block_k}, M={M}, block_m={cfg.block_m})"
+        )
+
+
+def check_activation(x: torch.Tensor, k: int, name: str):
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"{name}: activations must be float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: x has {x.shape[-1]} input features, the weight expects {k}")
+    if not (x.is_cuda or interpreting()):
+        raise RuntimeError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
+def as_2d(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel should write for an output of ``dtype``. The interpreter converts
+    fp32 -> bf16 by truncation (compiled Triton rounds to nearest), so under it bf16 outputs are
+    written in fp32 and rounded by torch."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
+def grid_and_buffers(x2, N, cfg: KernelConfig):
+    """Launch grid and output buffers: with split-K the kernel writes fp32 partials
+    ``[split_k, M, N]`` that ``finish_split_k`` reduces."""
+    M = x2.shape[0]
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    y = torch.empty((M, N), dtype=store_dtype(x2.dtype), device=x2.device)
+    ws = torch.empty((cfg.split_k, M, N), dtype=torch.float32, device=x2.device) if cfg.split_k > 1 else y
+    return grid, y, ws
+
+
+def finish_split_k(ws, y, bias, cfg: KernelConfig, dtype: torch.dtype):
+    """Reduce the split-K partials (if any) and return the output in ``dtype``."""
+    if cfg.split_k > 1:
+        _reduce(ws, y, bias, cfg)
+    return y if y.dtype == dtype else y.to(dtype)
+
+
+def _reduce(ws, y, bias, cfg: KernelConfig):
+    M, N = y.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+        ws, bias if bias is not None else y, y, M * N, N,
+        SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, BLOCK=block,
+    )
+
+
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row tiles share each column tile while it is in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def k_range(pid_k, num_tiles, SPLIT_K: tl.constexpr):
+    """The contiguous run of K tiles handled by split ``pid_k``."""
+    per_split = tl.cdiv(num_tiles, SPLIT_K)
+    start = pid_k * per_split
+    end = tl.minimum(start + per_split, num_tiles)
+    return start, end
+
+
+@triton.jit
+def load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K):
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def dot_tile(a, b, UPCAST: tl.constexpr):
+    """fp32-accumulated ``a @ b``; b is cast to a's dtype (exact for INT4 codes and for values
+    stored in the activation dtype)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write the tile: cast (+ bias) into y, or the fp32 partial of split ``pid_k``."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + rows, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,155 @@
+"""Compile every matmul kernel for a GPU architecture without needing that GPU.
+
+``python -m pyprune.triton_kernels.aot_check [--arch 90 80] [--all]`` runs the real Triton
+compiler (TTIR -> PTX -> cubin with the bundled ptxas) on the kernel configurations the wrappers
+use, so a construct that only the interpreter accepts, or a configuration that needs more shared
+memory than the GPU has, fails here. Prints shared memory, registers and spills per
+configuration. Must run without ``TRITON_INTERPRET`` (it needs compiled, not interpreted, kernels).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("aot_check: unset TRITON_INTERPRET (kernels must be JIT functions, not interpreted)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ._common import KernelConfig, _splitk_reduce_kernel  # noqa: E402
+from .int4_matmul import _int4_dequant_kernel, _int4_split_kernel, _int4_tile_kernel  # noqa: E402
+from .sparse24_int4_matmul import (  # noqa: E402
+    _sparse24_int4_dequant_kernel, _sparse24_int4_split_kernel, _sparse24_int4_tile_kernel,
+)
+from .sparse24_matmul import _sparse24_dense_kernel, _sparse24_split_kernel, _sparse24_tile_kernel  # noqa: E402
+
+SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
+
+
+def _matmul_signature(kernel, act: str, value: str):
+    ints = {"M", "N", "K", "tiles_per_group"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ints:
+            sig[name] = "i32"
+        elif name in ("x_ptr", "y_ptr"):
+            sig[name] = f"*{act}"
+        elif name == "bias_ptr":
+            sig[name] = f"*{act}"
+        elif name == "ws_ptr":
+            sig[name] = "*fp32"
+        elif name == "val_ptr":
+            sig[name] = f"*{value}"
+        elif name == "s_ptr":
+            sig[name] = "*fp16"
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = None):
+    sig = _matmul_signature(kernel, act, value or act)
+    consts = {
+        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+        "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
+    }
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+def compile_other(kernel, sig, consts, arch):
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
+
+
+def resource_usage(compiled) -> str:
+    """Registers / local memory per thread from the cubin (cuobjdump ships with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return "regs=?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
+    return f"regs={m.group(1)} local={m.group(2)}" if m else "regs=?"
+
+
+def representative_configs(full: bool, split_block_k: int):
+    """The heuristic defaults of both paths (G = 128), and with ``full`` every tuning candidate."""
+    import torch
+
+    from ._common import KernelLimits, candidate_configs
+
+    if not full:
+        return [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="split"),
+                KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="tile"),
+                KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3)]
+    limits = KernelLimits(128, split_block_k)
+    cpu = torch.device("cpu")
+    cfgs = candidate_configs(1, 4096, 4096, limits, cpu, False) + candidate_configs(2048, 4096, 4096, limits, cpu, False)
+    return [c for c in dict.fromkeys(cfgs) if c.variant != "dense"]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90])
+    ap.add_argument("--all", action="store_true", help="every tuning candidate, not just the defaults")
+    args = ap.parse_args(argv)
+    failures = 0
+    kernels = [
+        ("2:4", _sparse24_tile_kernel, _sparse24_split_kernel, 64),
+        ("int4", _int4_tile_kernel, _int4_split_kernel, 128),
+        ("2:4-int4", _sparse24_int4_tile_kernel, _sparse24_int4_split_kernel, 64),
+    ]
+    for arch in args.arch:
+        for name, tile_kernel, split_kernel, split_block_k in kernels:
+            for act in ("fp16", "bf16"):
+                for cfg in representative_configs(args.all, split_block_k):
+                    kernel = split_kernel if cfg.variant == "split" else tile_kernel
+                    tag = f"sm_{arch} {name:8s} {act} {cfg}"
+                    try:
+                        c = compile_matmul(kernel, cfg, act, arch)
+                    except Exception as exc:  # noqa: BLE001 - report and continue
+                        failures += 1
+                        print(f"FAIL {tag}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                        continue
+                    shared = c.metadata.shared
+                    over = shared > SHARED_LIMIT.get(arch, 232448)
+                    failures += over
+                    print(f"{'OVER' if over else 'ok  '} {tag}: shared={shared} {resource_usage(c)}")
+        others = [
+            (_splitk_reduce_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16", "MN": "i32", "N": "i32",
+                                     "SPLIT_K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
+             {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": 1024}),
+            (_int4_dequant_kernel, {"qw_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "K": "i32",
+                                    "stride_qn": "i32", "stride_sg": "i32", "GROUPSIZE": "i32",
+                                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_N": 32, "BLOCK_K": 64}),
+            (_sparse24_dense_kernel, {"val_ptr": "*bf16", "meta_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
+                                      "stride_vn": "i32", "stride_mg": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+             {"BLOCK_N": 32, "BLOCK_K": 64}),
+            (_sparse24_int4_dequant_kernel, {"qv_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16",
+                                             "N": "i32", "K": "i32", "stride_qn": "i32", "stride_mg": "i32",
+                                             "stride_sg": "i32", "GROUPSIZE": "i32", "BLOCK_N": "constexpr",
+                                             "BLOCK_K": "constexpr"}, {"BLOCK_N": 32, "BLOCK_K": 64}),
+        ]
+        for kernel, sig, consts in others:
+            try:
+                compile_other(kernel, sig, consts, arch)
+                print(f"ok   sm_{arch} {kernel.__name__}")
+            except Exception as exc:  # noqa: BLE001
+                failures += 1
+                print(f"FAIL sm_{arch} {kernel.__name__}: {type(exc).__name__}: {exc}")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""INT4 dequant-matmul: ``y = x @ (q * s)^T`` for the layout of ``pyprune.formats.int4``.
+
+``qweight [N, K/8]`` int32 (field i of word j = code of column 8j+i, offset binary) and
+``scales [K/G, N]`` fp16. A K tile never crosses a group (``BLOCK_K`` divides G), so the kernels
+multiply the integer codes (exact in fp16/bf16) with x on the tensor cores and apply the group's
+scale to the fp32 partial product: the dequantization is exact, whatever the activation dtype.
+
+Variants (see ``_common``): ``tile`` rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split``
+(decode, needs G >= 128) loads the ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field
+i against x's columns ``8j + i``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    KernelLimits, as_2d, check_activation, check_config, dot_tile, finish_split_k, grid_and_buffers,
+    interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_dtype,
+    store_result, tile_ids,
+)
+
+
+@triton.jit
+def int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32, -8..7) of columns offs_k of rows offs_n. Each word is
+    fetched by the 8 lanes that need one of its fields (same address: served from L1)."""
+    ptrs = qw_ptr + offs_n[None, :] * stride_qn + (offs_k // 8)[:, None]
+    words = tl.load(ptrs, mask=offs_n[None, :] < N, other=0)
+    return ((words >> ((offs_k % 8) * 4)[:, None]) & 0xF) - 8
+
+
+@triton.jit
+def _int4_tile_kernel(
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K)
+        q = int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N)
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        acc += dot_tile(a, q, UPCAST) * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _int4_split_kernel(
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # decode: one row tile holds all of x
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        word = t * (BLOCK_K // 8) + offs_w
+        words = tl.load(qw_ptr + offs_n[None, :] * stride_qn + word[:, None], mask=offs_n[None, :] < N, other=0)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(8):
+            a = load_x_tile(x_ptr, offs_m, word * 8 + i, stride_xm, M, K)
+            q = ((words >> (4 * i)) & 0xF) - 8
+            part += dot_tile(a, q, UPCAST)
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        acc += part * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    qw_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sg, GROUPSIZE,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    q = int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N)
+    s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
+    w = q.to(tl.float32) * s.to(tl.float32)
+    tl.store(out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_packed(qweight, scales, groupsize):
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError(f"qweight must be a 2-D int32 tensor [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    if groupsize <= 0 or k % groupsize or groupsize % 32:
+        raise ValueError(f"groupsize={groupsize} must be a positive multiple of 32 dividing K={k}")
+    if tuple(scales.shape) != (k // groupsize, n):
+        raise ValueError(f"scales must have shape [K/G, N] = {(k // groupsize, n)}, got {tuple(scales.shape)}")
+    return n, k
+
+
+def int4_limits(groupsize: int) -> KernelLimits:
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=128)
+
+
+def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
+    """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
+    n, k = _check_packed(qweight, scales, groupsize)
+    out = torch.empty((n, k), dtype=store_dtype(dtype), device=qweight.device)
+    bn, bk = 32, 64
+    _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        qweight, scales, out, n, k, qweight.stride(0), scales.stride(0), groupsize, BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out.to(dtype)
+
+
+def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
+    """``x [..., K]`` (fp16/bf16, CUDA or interpreter) times the packed INT4 weight, transposed:
+    ``[..., N]`` in x's dtype, fp32 accumulation. ``config``: a KernelConfig to force one."""
+    n, k = _check_packed(qweight, scales, groupsize)
+    check_activation(x, k, "int4_matmul")
+    x2 = as_2d(x)
+    m = x2.shape[0]
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    limits = int4_limits(groupsize)
+
+    def launch(cfg):
+        check_config(cfg, limits, m)
+        if cfg.variant == "dense":
+            y = torch.matmul(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype).t())
+            return y + bias if bias is not None else y
+        grid, y, ws = grid_and_buffers(x2, n, cfg)
+        kernel = _int4_split_kernel if cfg.variant == "split" else _int4_tile_kernel
+        kernel[grid](
+            x2, qweight, scales, bias if bias is not None else y, y, ws,
+            m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return finish_split_k(ws, y, bias, cfg, x2.dtype)
+
+    if config is None:
+        key = ("int4", m_bucket(m), n, k, groupsize, x2.dtype, x2.device)
+        # Dense fallback only in fp16: rounding q*s to bf16 would cost ~2^-9 relative error.
+        config = pick_config(key, m, n, k, limits, x2.device, launch, allow_dense=x2.dtype == torch.float16)
+    return launch(config).reshape(*x.shape[:-1], n)

@@ -1,0 +1,165 @@
+"""2:4 + INT4 matmul: ``y = x @ (q * s)^T`` for the layout of ``pyprune.formats.sparse24_int4``.
+
+``qvalues [N, K/16]`` int32 (the kept codes, 8 per word, offset binary; the pair of group g is
+fields 2(g%4), 2(g%4)+1 of word g//4), ``meta [K/32, N]`` int32 (as for 2:4) and
+``scales [K/G, N]`` fp16. Integer codes (exact in fp16/bf16) go through the tensor cores and the
+group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exact dequantization.
+
+Variants (see ``_common``): ``tile`` rebuilds the dense code tile; ``split`` (decode, needs
+G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    KernelLimits, as_2d, check_activation, check_config, dot_tile, finish_split_k, grid_and_buffers,
+    interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_dtype,
+    store_result, tile_ids,
+)
+from .sparse24_matmul import group_positions, kept_slots
+
+
+@triton.jit
+def kept_codes(qv_ptr, stride_qn, grp, offs_n, mask):
+    """The two kept codes ``(q0, q1)``, int32 -8..7 ``[len(grp), BLOCK_N]``, of groups ``grp``."""
+    words = tl.load(qv_ptr + offs_n[None, :] * stride_qn + (grp // 4)[:, None], mask=mask, other=0)
+    shift = ((grp % 4) * 8)[:, None]
+    return ((words >> shift) & 0xF) - 8, ((words >> (shift + 4)) & 0xF) - 8
+
+
+@triton.jit
+def sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, offs_n, N):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32, 0 at pruned positions) of W^T."""
+    mask = offs_n[None, :] < N
+    first, second = kept_slots(meta_ptr, stride_mg, offs_k, offs_n, mask)
+    q0, q1 = kept_codes(qv_ptr, stride_qn, offs_k // 4, offs_n, mask)
+    return tl.where(first, q0, tl.where(second, q1, tl.zeros_like(q0)))
+
+
+@triton.jit
+def _sparse24_int4_tile_kernel(
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K)
+        q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, offs_n, N)
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        acc += dot_tile(a, q, UPCAST) * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _sparse24_int4_split_kernel(
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # decode: one row tile holds all of x
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_K // 4)
+    mask = (offs_n < N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        grp = t * (BLOCK_K // 4) + offs_g
+        i0, i1 = group_positions(meta_ptr, stride_mg, grp, offs_n, mask)
+        q0, q1 = kept_codes(qv_ptr, stride_qn, grp, offs_n, mask)
+        zero = tl.zeros_like(q0)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for p in tl.static_range(4):
+            a = load_x_tile(x_ptr, offs_m, grp * 4 + p, stride_xm, M, K)
+            q = tl.where(i0 == p, q0, tl.where(i1 == p, q1, zero))
+            part += dot_tile(a, q, UPCAST)
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        acc += part * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _sparse24_int4_dequant_kernel(
+    qv_ptr, meta_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_mg, stride_sg, GROUPSIZE,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, offs_n, N)
+    s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
+    w = q.to(tl.float32) * s.to(tl.float32)
+    tl.store(out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_packed(qvalues, meta, scales, groupsize):
+    if qvalues.dtype != torch.int32 or meta.dtype != torch.int32 or qvalues.dim() != 2:
+        raise TypeError("2:4-int4 expects int32 qvalues [N, K/16] and int32 meta [K/32, N]")
+    n, k = qvalues.shape[0], qvalues.shape[1] * 16
+    if tuple(meta.shape) != (k // 32, n):
+        raise ValueError(f"meta must have shape [K/32, N] = {(k // 32, n)}, got {tuple(meta.shape)}")
+    if groupsize <= 0 or k % groupsize or groupsize % 32:
+        raise ValueError(f"groupsize={groupsize} must be a positive multiple of 32 dividing K={k}")
+    if tuple(scales.shape) != (k // groupsize, n):
+        raise ValueError(f"scales must have shape [K/G, N] = {(k // groupsize, n)}, got {tuple(scales.shape)}")
+    return n, k
+
+
+def sparse24_int4_limits(groupsize: int) -> KernelLimits:
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64)
+
+
+def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.float16):
+    """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
+    n, k = _check_packed(qvalues, meta, scales, groupsize)
+    out = torch.empty((n, k), dtype=store_dtype(dtype), device=qvalues.device)
+    bn, bk = 32, 64
+    _sparse24_int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        qvalues, meta, scales, out, n, k, qvalues.stride(0), meta.stride(0), scales.stride(0), groupsize,
+        BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out.to(dtype)
+
+
+def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *, config=None):
+    """``x [..., K]`` (fp16/bf16) times the packed 2:4+INT4 weight, transposed: ``[..., N]``."""
+    n, k = _check_packed(qvalues, meta, scales, groupsize)
+    check_activation(x, k, "sparse24_int4_matmul")
+    x2 = as_2d(x)
+    m = x2.shape[0]
+    qvalues, meta, scales = qvalues.contiguous(), meta.contiguous(), scales.contiguous()
+    limits = sparse24_int4_limits(groupsize)
+
+    def launch(cfg):
+        check_config(cfg, limits, m)
+        if cfg.variant == "dense":
+            w = sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype)
+            y = torch.matmul(x2, w.t())
+            return y + bias if bias is not None else y
+        grid, y, ws = grid_and_buffers(x2, n, cfg)
+        kernel = _sparse24_int4_split_kernel if cfg.variant == "split" else _sparse24_int4_tile_kernel
+        kernel[grid](
+            x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
+            m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0),
+            groupsize // cfg.block_k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return finish_split_k(ws, y, bias, cfg, x2.dtype)
+
+    if config is None:
+        key = ("2:4-int4", m_bucket(m), n, k, groupsize, x2.dtype, x2.device)
+        config = pick_config(key, m, n, k, limits, x2.device, launch, allow_dense=x2.dtype == torch.float16)
+    return launch(config).reshape(*x.shape[:-1], n)

@@ -1,0 +1,161 @@
+"""2:4 sparse matmul: ``y = x @ W^T`` for the layout of ``pyprune.formats.sparse24``.
+
+``values [N, K/2]`` fp16/bf16 (the two kept entries of every group of 4 columns) and
+``meta [K/32, N]`` int32 (field g%8 of ``meta[g//8, n]`` = ``i0 | i1 << 2``). Column ``4g + p``
+of row n is the first kept value if ``p == i0``, the second if ``p == i1``, else 0. Values are
+used as stored (exact products), accumulation in fp32.
+
+Variants (see ``_common``): ``tile`` rebuilds the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T;
+``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per
+position p against x's columns ``4g + p``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    KernelLimits, as_2d, check_activation, check_config, dot_tile, finish_split_k, grid_and_buffers,
+    interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result, tile_ids,
+)
+
+LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
+
+
+@triton.jit
+def group_positions(meta_ptr, stride_mg, grp, offs_n, mask):
+    """Kept positions ``(i0, i1)``, int32 ``[len(grp), BLOCK_N]``, of groups ``grp``."""
+    words = tl.load(meta_ptr + (grp // 8)[:, None] * stride_mg + offs_n[None, :], mask=mask, other=0)
+    field = (words >> ((grp % 8) * 4)[:, None]) & 0xF
+    return field & 3, field >> 2
+
+
+@triton.jit
+def kept_slots(meta_ptr, stride_mg, offs_k, offs_n, mask):
+    """For the dense tile ``[BLOCK_K, BLOCK_N]``: (is first kept slot, is second kept slot)."""
+    i0, i1 = group_positions(meta_ptr, stride_mg, offs_k // 4, offs_n, mask)
+    pos = (offs_k % 4)[:, None]
+    return pos == i0, pos == i1
+
+
+@triton.jit
+def sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N):
+    """Dense ``[BLOCK_K, BLOCK_N]`` tile of W^T in the value dtype (0 outside the matrix)."""
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    first, second = kept_slots(meta_ptr, stride_mg, offs_k, offs_n, mask)
+    ptrs = val_ptr + offs_n[None, :] * stride_vn + (2 * (offs_k // 4))[:, None]
+    v0 = tl.load(ptrs, mask=mask, other=0.0)
+    v1 = tl.load(ptrs + 1, mask=mask, other=0.0)
+    return tl.where(first, v0, tl.where(second, v1, tl.zeros_like(v0)))
+
+
+@triton.jit
+def _sparse24_tile_kernel(
+    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_vn, stride_mg,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
+    for t in range(start, end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K)
+        w = sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N)
+        acc += dot_tile(a, w, UPCAST)
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _sparse24_split_kernel(
+    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_vn, stride_mg,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # decode: one row tile holds all of x
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_K // 4)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
+    for t in range(start, end):
+        grp = t * (BLOCK_K // 4) + offs_g
+        mask = (grp < K // 4)[:, None] & (offs_n < N)[None, :]
+        i0, i1 = group_positions(meta_ptr, stride_mg, grp, offs_n, mask)
+        ptrs = val_ptr + offs_n[None, :] * stride_vn + (2 * grp)[:, None]
+        v0 = tl.load(ptrs, mask=mask, other=0.0)
+        v1 = tl.load(ptrs + 1, mask=mask, other=0.0)
+        zero = tl.zeros_like(v0)
+        for p in tl.static_range(4):
+            a = load_x_tile(x_ptr, offs_m, grp * 4 + p, stride_xm, M, K)
+            w = tl.where(i0 == p, v0, tl.where(i1 == p, v1, zero))
+            acc += dot_tile(a, w, UPCAST)
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _sparse24_dense_kernel(val_ptr, meta_ptr, out_ptr, N, K, stride_vn, stride_mg,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w = sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_packed(values, meta):
+    if values.dim() != 2 or meta.dim() != 2 or meta.dtype != torch.int32:
+        raise TypeError("2:4 expects values [N, K/2] and int32 meta [K/32, N]")
+    n, k = values.shape[0], values.shape[1] * 2
+    if tuple(meta.shape) != (k // 32, n) or k % 32:
+        raise ValueError(f"meta must have shape [K/32, N] = {(k // 32, n)}, got {tuple(meta.shape)}")
+    return n, k
+
+
+def sparse24_to_dense(values, meta, dtype=None):
+    """Dense ``[N, K]`` weight (exact; ``dtype`` defaults to the value dtype)."""
+    n, k = _check_packed(values, meta)
+    dtype = dtype or values.dtype
+    out = torch.empty((n, k), dtype=store_dtype(dtype), device=values.device)
+    bn, bk = 32, 64
+    _sparse24_dense_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        values, meta, out, n, k, values.stride(0), meta.stride(0), BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out.to(dtype)
+
+
+def sparse24_matmul(x, values, meta, bias=None, *, config=None):
+    """``x [..., K]`` (fp16/bf16) times the packed 2:4 weight, transposed: ``[..., N]`` in x's
+    dtype. Values in another dtype than x are cast in registers."""
+    n, k = _check_packed(values, meta)
+    check_activation(x, k, "sparse24_matmul")
+    x2 = as_2d(x)
+    m = x2.shape[0]
+    values, meta = values.contiguous(), meta.contiguous()
+
+    def launch(cfg):
+        check_config(cfg, LIMITS, m)
+        if cfg.variant == "dense":
+            y = torch.matmul(x2, sparse24_to_dense(values, meta, x2.dtype).t())
+            return y + bias if bias is not None else y
+        grid, y, ws = grid_and_buffers(x2, n, cfg)
+        kernel = _sparse24_split_kernel if cfg.variant == "split" else _sparse24_tile_kernel
+        kernel[grid](
+            x2, values, meta, bias if bias is not None else y, y, ws,
+            m, n, k, x2.stride(0), values.stride(0), meta.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return finish_split_k(ws, y, bias, cfg, x2.dtype)
+
+    if config is None:
+        key = ("2:4", m_bucket(m), n, k, values.dtype, x2.dtype, x2.device)
+        # Dense fallback is exact when the values are already in the activation dtype.
+        config = pick_config(key, m, n, k, LIMITS, x2.device, launch, allow_dense=values.dtype == x2.dtype)
+    return launch(config).reshape(*x.shape[:-1], n)
