@@ -132,6 +132,28 @@ def _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
     ext = kernel_for(W1)
     if ext is not None and (quant is None or quant.static_scales is None):
         return _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
+    with _single_thread_on_cpu(W1):
+        return _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
+
+
+class _single_thread_on_cpu:
+    """The column loop is hundreds of tiny ops: on CPU, extra threads only add sync overhead
+    (and collapse when the machine is shared), so it runs on one thread."""
+
+    def __init__(self, tensor):
+        self.active = tensor.device.type == "cpu"
+
+    def __enter__(self):
+        if self.active:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.threads)
+
+
+def _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
     rows, count = W1.shape
     Q1 = torch.zeros_like(W1)
     Err1 = torch.zeros_like(W1)
@@ -153,7 +175,7 @@ def _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
         d = diag[i]
         err = (w - q) / d
         loss += (err.double() ** 2) / 2
-        W1[:, i:] -= err.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
         Err1[:, i] = err
     return Q1, Err1, scale, loss
 

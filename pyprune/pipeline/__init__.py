@@ -1,0 +1,4 @@
+"""The sequential calibration pipeline."""
+from pyprune.pipeline.runner import RunOptions, prune_model
+
+__all__ = ["RunOptions", "prune_model"]

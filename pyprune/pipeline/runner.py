@@ -1,0 +1,184 @@
+"""The sequential calibration runner.
+
+1. Check every Linear against the requested pattern before any expensive work.
+2. Capture the inputs of decoder layer 0 on the calibration windows.
+3. For each decoder layer, alone on the compute device: run it with hooks that accumulate each
+   Linear's Hessian; let the schedule see the statistics; call the solver on every Linear; run
+   the pruned layer again to produce the next layer's inputs; save progress.
+"""
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from pyprune.models.capture import capture_layer0_inputs, run_layer
+from pyprune.models.families import (
+    decoder_layers, describe_linears, find_layer_list_path, prunable_linears, set_weight_matrix,
+    weight_matrix,
+)
+from pyprune.pipeline.progress import ProgressStore
+from pyprune.pipeline.statistics import HessianCollector
+from pyprune.solvers import STATISTICS_FREE, get_solver
+from pyprune.solvers.base import LayerStats
+
+
+@dataclass
+class RunOptions:
+    device: str = "cpu"
+    activations: str = "device"  # where calibration activations live: "device" or "cpu"
+    batch_size: int = 1
+    progress_dir: Optional[str] = None
+    resume: bool = False
+    show_progress: bool = True
+    fingerprint: dict = field(default_factory=dict)  # identifies the run for --resume
+
+    def __post_init__(self):
+        if self.activations not in ("device", "cpu"):
+            raise ValueError(f"activations={self.activations!r}; allowed: device, cpu")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
+
+
+# post_solve(name, W_pruned, solver_result, stats) -> (W_final, extra report fields)
+PostSolve = Callable
+
+
+def check_model(model, target):
+    """Refuse, before any work, a pattern that cannot apply to some Linear."""
+    infos = describe_linears(model)
+    if not infos:
+        raise ValueError("the model's decoder layers contain no Linear layers to prune")
+    for info in infos:
+        target.check_width(info.in_features, info.name)
+    return infos
+
+
+@torch.no_grad()
+def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, solver_options=None,
+                options: RunOptions = None, post_solve: PostSolve = None) -> dict:
+    """Prune every Linear of every decoder layer of ``model`` (on CPU, modified in place).
+
+    ``tokens``: ``[nsamples, seqlen]`` calibration ids (may be None for statistics-free methods).
+    Returns ``{"records": [...], "seconds": float, "resumed_from": int}``.
+    """
+    options = options or RunOptions()
+    solver_options = solver_options or {}
+    solve = get_solver(method)
+    check_model(model, schedule.target)
+    needs_stats = method not in STATISTICS_FREE or getattr(schedule, "needs_statistics", False) or \
+        (post_solve is not None and getattr(post_solve, "needs_statistics", True))
+    if needs_stats and tokens is None:
+        raise ValueError(f"method {method!r} needs calibration data")
+    device = torch.device(options.device)
+    store_device = device if options.activations == "device" else torch.device("cpu")
+    layers = decoder_layers(model)
+    prefix = find_layer_list_path(model)
+    start_time = time.time()
+
+    progress = None
+    if options.progress_dir:
+        fingerprint = dict(options.fingerprint, method=method, solver_options=_jsonable(solver_options),
+                           tokens=_tensor_digest(tokens))
+        progress = ProgressStore(options.progress_dir, fingerprint)
+    records, first, inputs, kwargs = [], 0, None, None
+    if progress is not None and options.resume:
+        saved = progress.load()
+        if saved is not None:
+            first, records, inputs, extra, weights = saved
+            _restore_layers(layers, weights)
+            if hasattr(schedule, "restore"):
+                schedule.restore(extra.get("schedule", {}))
+    if needs_stats:
+        fresh, kwargs = capture_layer0_inputs(model, tokens, device, options.batch_size, store_device)
+        inputs = fresh if inputs is None else inputs.to(store_device)
+
+    bar = tqdm(range(first, len(layers)), desc="layers", disable=not options.show_progress)
+    for index in bar:
+        layer = layers[index].to(device)
+        linears = prunable_linears(layer)
+        stats = {name: None for name, _ in linears}
+        if needs_stats:
+            stats = _collect_statistics(layer, linears, inputs, kwargs, options.batch_size, device)
+        schedule.observe(index, stats, {name: weight_matrix(m) for name, m in linears})
+        for name, module in linears:
+            full_name = f"{prefix}.{index}.{name}"
+            bar.set_postfix_str(name)
+            pattern = schedule.pattern_for(index, name)
+            records.append(_solve_one(full_name, module, solve, stats[name], pattern, solver_options,
+                                      post_solve))
+            stats[name] = None  # free the Hessian as soon as it is used
+        if needs_stats and index + 1 < len(layers):
+            inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device)
+        layers[index] = layer.to("cpu")
+        if progress is not None:
+            weights = {f"{name}": weight_matrix(m).contiguous() for name, m in linears}
+            extra = {"schedule": schedule.state()} if hasattr(schedule, "state") else {}
+            empty = torch.empty(0)
+            progress.save_layer(index, weights, records, inputs if inputs is not None else empty, extra)
+    return {"records": records, "seconds": time.time() - start_time, "resumed_from": first}
+
+
+def _collect_statistics(layer, linears, inputs, kwargs, batch_size, device):
+    with HessianCollector(linears, device) as collector:
+        for start in range(0, inputs.shape[0], batch_size):
+            collector.new_batch()
+            batch = inputs[start:start + batch_size].to(device)
+            run_layer(layer, batch, kwargs[batch.shape[0]])
+    return collector.stats
+
+
+def _forward_all(layer, inputs, kwargs, batch_size, device):
+    outputs = torch.empty_like(inputs)
+    for start in range(0, inputs.shape[0], batch_size):
+        batch = inputs[start:start + batch_size].to(device)
+        outputs[start:start + batch.shape[0]] = run_layer(layer, batch, kwargs[batch.shape[0]]).to(outputs.device)
+    return outputs
+
+
+def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, solver_options, post_solve):
+    W = weight_matrix(module)
+    t0 = time.time()
+    result = solve(W, stats, pattern, **solver_options)
+    W_new, extra = result.weight, {}
+    if post_solve is not None:
+        W_new, extra = post_solve(full_name, W_new, result, stats)
+    set_weight_matrix(module, W_new.to(W.dtype))
+    seconds = time.time() - t0
+    zeros = int((weight_matrix(module) == 0).sum())
+    record = {
+        "name": full_name,
+        "shape": list(W.shape),
+        "target": str(pattern),
+        "target_sparsity": pattern.sparsity,
+        "achieved_sparsity": zeros / W.numel(),
+        "pruned_fraction": float(result.pruned.float().mean()),
+        "loss": result.loss,
+        "seconds": seconds,
+    }
+    record.update({k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))})
+    record.update(extra)
+    return record
+
+
+def _restore_layers(layers, weights_by_layer):
+    for index, weights in weights_by_layer.items():
+        modules = dict(prunable_linears(layers[index]))
+        for name, W in weights.items():
+            set_weight_matrix(modules[name], W.to(weight_matrix(modules[name]).dtype))
+
+
+def _tensor_digest(tokens):
+    if tokens is None:
+        return None
+    return hashlib.sha256(tokens.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return repr(obj)

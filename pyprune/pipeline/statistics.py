@@ -1,0 +1,54 @@
+"""Forward hooks that fold each Linear's inputs into its Hessian while a layer runs.
+
+Linears that read the same tensor (q/k/v, gate/up) would compute the same ``x^T x``: within a
+batch, the first of them accumulates and the others, having seen exactly the same inputs so far,
+copy its Hessian instead of recomputing it.
+"""
+import torch
+
+from pyprune.models.families import weight_matrix
+from pyprune.ops.hessian import accumulate_hessian
+from pyprune.solvers.base import LayerStats
+
+
+class HessianCollector:
+    """Context manager: ``stats[name]`` holds each Linear's :class:`LayerStats`."""
+
+    def __init__(self, linears, device):
+        self.linears = dict(linears)
+        self.stats = {}
+        for name, module in self.linears.items():
+            cols = weight_matrix(module).shape[1]
+            self.stats[name] = LayerStats(torch.zeros(cols, cols, dtype=torch.float32, device=device), 0)
+        self._handles = []
+        self._owner_of_input = {}
+
+    def __enter__(self):
+        for name, module in self.linears.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._owner_of_input.clear()
+
+    def new_batch(self):
+        """Call before each batch: input identities are only meaningful within one batch."""
+        self._owner_of_input.clear()
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            stats = self.stats[name]
+            key = (x.data_ptr(), tuple(x.shape), x.dtype, x.device)
+            owner = self._owner_of_input.get(key)
+            if owner is not None and owner.nsamples == stats.nsamples + x.shape[0]:
+                stats.H.copy_(owner.H)
+                stats.nsamples = owner.nsamples
+                return
+            stats.nsamples = accumulate_hessian(stats.H, stats.nsamples, x)
+            self._owner_of_input[key] = stats
+        return hook

@@ -1,0 +1,4 @@
+"""Per-layer sparsity allocation."""
+from pyprune.schedule.uniform import UniformSchedule
+
+__all__ = ["UniformSchedule"]
