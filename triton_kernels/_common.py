@@ -207,6 +207,11 @@ def check_activation(x: torch.Tensor, k: int, name: str):
         raise RuntimeError(f"{name}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
+def empty_result(x: torch.Tensor, N: int):
+    """The output for an input with no rows (no kernel launch: a zero-size grid is invalid)."""
+    return x.new_empty(*x.shape[:-1], N)
+
+
 def as_2d(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, check_config, dot_tile, finish_split_k, grid_and_buffers,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, grid_and_buffers,
     interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_dtype,
     store_result, tile_ids,
 )
@@ -125,6 +125,8 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
     check_activation(x, k, "int4_matmul")
     x2 = as_2d(x)
     m = x2.shape[0]
+    if m == 0:
+        return empty_result(x, n)
     qweight, scales = qweight.contiguous(), scales.contiguous()
     limits = int4_limits(groupsize)
 

@@ -1,0 +1,116 @@
+"""Triton matmul kernels vs the exact dense reference (TRITON_INTERPRET=1 on CPU, set by
+conftest): every format, decode and prefill paths, every variant, fp16 and bf16 activations."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
+from pyprune.triton_kernels import (
+    KernelConfig, int4_dequantize, int4_matmul, sparse24_int4_dequantize, sparse24_int4_matmul,
+    sparse24_matmul, sparse24_to_dense,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests run under TRITON_INTERPRET=1 (see conftest)"
+)
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def prune_2of4(w):
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    return g.scatter(2, g.abs().argsort(-1)[..., :2], 0.0).reshape(n, k)
+
+
+def packed(fmt, n, k, groupsize, dtype):
+    """(dense float32 weight, function (x, bias, config) -> kernel output) on fresh weights."""
+    if fmt == "2:4":
+        p = pack_sparse24(prune_2of4(torch.randn(n, k)).to(dtype))
+        return p.dense(), lambda x, b, c: sparse24_matmul(x, p.values, p.meta, b, config=c)
+    if fmt == "int4":
+        p = quantize_int4(torch.randn(n, k), groupsize)
+        return p.dense(), lambda x, b, c: int4_matmul(x, p.qweight, p.scales, p.groupsize, b, config=c)
+    p = quantize_sparse24_int4(prune_2of4(torch.randn(n, k)), groupsize)
+    return p.dense(), lambda x, b, c: sparse24_int4_matmul(x, p.qvalues, p.meta, p.scales, p.groupsize, b, config=c)
+
+
+def check(fmt, m, n, k, groupsize, dtype, config=None, bias=True):
+    dense, run = packed(fmt, n, k, groupsize, dtype)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    y = run(x, b, config)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = x.float() @ dense.t() + (b.float() if bias else 0.0)
+    ref = ref.to(dtype).float()  # what an exact kernel returns in this dtype
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert err < 1e-3, f"{fmt} m={m} {dtype} {config}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 16, 33])
+@pytest.mark.parametrize("fmt", ["2:4", "int4", "2:4-int4"])
+def test_default_paths_match_reference(fmt, m, dtype):
+    # N = 40 is not a power of two; M <= 16 takes the decode path, 33 the prefill path.
+    check(fmt, m, 40, 256, 128, dtype)
+
+
+VARIANTS = [
+    KernelConfig(16, 32, 128, split_k=2, variant="split"),  # decode, packed tile loaded once
+    KernelConfig(16, 16, 64, split_k=3, variant="tile"),  # decode with uneven split-K
+    KernelConfig(32, 16, 32, group_m=2, variant="tile"),  # prefill, grouped tile order
+]
+
+
+@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill"])
+@pytest.mark.parametrize("fmt,groupsize", [("2:4", None), ("int4", -1), ("2:4-int4", 64)])
+def test_variants_match_reference(fmt, groupsize, config):
+    if config.variant == "split" and fmt == "2:4-int4":
+        config = KernelConfig(16, 32, 64, split_k=2, variant="split")  # G = 64 bounds BLOCK_K
+    m = 7 if config.block_m == 16 else 50
+    check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
+
+
+def test_dequantize_kernels_are_exact():
+    w = prune_2of4(torch.randn(40, 256))
+    p = pack_sparse24(w.half())
+    assert torch.equal(sparse24_to_dense(p.values, p.meta), p.unpack())
+    q = quantize_int4(torch.randn(40, 256), 64)
+    assert torch.equal(int4_dequantize(q.qweight, q.scales, 64, torch.float32), q.dense())
+    r = quantize_sparse24_int4(w, 32)
+    assert torch.equal(sparse24_int4_dequantize(r.qvalues, r.meta, r.scales, 32, torch.float32), r.dense())
+
+
+def test_leading_dims_and_empty_input():
+    q = quantize_int4(torch.randn(24, 128), 32)
+    x = torch.randn(2, 3, 128).half()
+    y = int4_matmul(x, q.qweight, q.scales, 32)
+    assert y.shape == (2, 3, 24)
+    ref = (x.float() @ q.dense().t()).half()
+    assert float((y.float() - ref.float()).norm() / ref.float().norm()) < 1e-3
+    assert int4_matmul(x[:0], q.qweight, q.scales, 32).shape == (0, 3, 24)
+
+
+def test_bad_inputs_are_refused():
+    q = quantize_int4(torch.randn(24, 128), 32)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        int4_matmul(torch.randn(2, 128), q.qweight, q.scales, 32)
+    with pytest.raises(ValueError, match="x has 64 input features, the weight expects 128"):
+        int4_matmul(torch.randn(2, 64).half(), q.qweight, q.scales, 32)
+    with pytest.raises(ValueError, match="block_k=64 must be a power of two dividing 32"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32, config=KernelConfig(16, 16, 64))
+    with pytest.raises(ValueError, match="split variant needs block_k >= 128"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(16, 16, 32, variant="split"))
+
+
+@pytest.mark.cuda
+def test_compiled_kernels_on_gpu():
+    """Compiled (not interpreted) kernels vs the reference; a subprocess, since TRITON_INTERPRET
+    is fixed at import time in this one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "pyprune.triton_kernels.selfcheck"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

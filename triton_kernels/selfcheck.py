@@ -1,0 +1,73 @@
+"""Check every compiled kernel against the exact reference on the local GPU.
+
+``python -m pyprune.triton_kernels.selfcheck`` (needs CUDA; run without ``TRITON_INTERPRET``):
+for each format, activation dtype, a spread of M (decode and prefill) and every kernel variant,
+compares with ``x.float() @ W^T`` rounded to the activation dtype and prints the relative error;
+exits 1 if any exceeds 1e-3. Also exercises the tuner once per shape.
+"""
+import sys
+
+import torch
+
+from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
+
+from ._common import KernelConfig, interpreting
+from .int4_matmul import int4_matmul
+from .sparse24_int4_matmul import sparse24_int4_matmul
+from .sparse24_matmul import sparse24_matmul
+
+
+def _prune(w):
+    n, k = w.shape
+    g = w.reshape(n, k // 4, 4)
+    return g.scatter(2, g.abs().argsort(-1)[..., :2], 0.0).reshape(n, k)
+
+
+def _cases(n, k, g, dtype, device):
+    w = _prune(torch.randn(n, k, device=device))
+    p24 = pack_sparse24(w.to(dtype))
+    p4 = quantize_int4(torch.randn(n, k, device=device), g)
+    p244 = quantize_sparse24_int4(w, g)
+    return [
+        ("2:4", p24.dense(), lambda x, b, c: sparse24_matmul(x, p24.values, p24.meta, b, config=c)),
+        ("int4", p4.dense(), lambda x, b, c: int4_matmul(x, p4.qweight, p4.scales, g, b, config=c)),
+        ("2:4-int4", p244.dense(), lambda x, b, c: sparse24_int4_matmul(x, p244.qvalues, p244.meta, p244.scales, g, b, config=c)),
+    ]
+
+
+def main() -> int:
+    if interpreting() or not torch.cuda.is_available():
+        print("selfcheck needs a CUDA GPU and TRITON_INTERPRET unset")
+        return 2
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    configs = [None,
+               KernelConfig(16, 64, 128, split_k=4, variant="split"),
+               KernelConfig(16, 32, 64, split_k=3, variant="tile"),
+               KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+               KernelConfig(128, 128, 64, num_warps=8, num_stages=3)]
+    worst, failures = 0.0, 0
+    for n, k, g in ((1000, 1024, 128), (4096, 4096, 128), (384, 2048, 64)):
+        for dtype in (torch.float16, torch.bfloat16):
+            for name, dense, fn in _cases(n, k, g, dtype, dev):
+                for m in (1, 3, 16, 17, 300):
+                    x = torch.randn(m, k, device=dev, dtype=dtype)
+                    b = torch.randn(n, device=dev, dtype=dtype)
+                    ref = (x.float() @ dense.t() + b.float()).to(dtype).float()
+                    for cfg in configs:
+                        if cfg is not None and cfg.variant == "split" and m > 16:
+                            continue
+                        if cfg is not None and name != "2:4" and g % cfg.block_k:
+                            continue
+                        y = fn(x, b, cfg).float()
+                        err = float((y - ref).norm() / ref.norm())
+                        worst = max(worst, err)
+                        if not err < 1e-3:
+                            failures += 1
+                            print(f"FAIL {name} {dtype} n={n} k={k} g={g} m={m} {cfg}: rel err {err:.2e}")
+    print(f"worst relative error {worst:.2e}; {failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
