@@ -71,19 +71,16 @@ def _dense_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def _fp16_bytes(model) -> int:
-    """Bytes of the same model stored dense in fp16 (every weight, compressed or not)."""
-    total = 0
+def _fp16_bytes(model, tensors: dict, packed_keys: set) -> int:
+    """Bytes of the saved model were it stored dense in fp16: packed modules count their dense
+    ``[out, in]`` weight, other floating tensors 2 bytes per element (each stored tensor once)."""
+    total = sum(
+        2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+        for key, t in tensors.items() if key not in packed_keys
+    )
     for module in model.modules():
         if isinstance(module, CompressedLinear):
             total += 2 * module.in_features * module.out_features
-            total += 0 if module.bias is None else 2 * module.bias.numel()
-            continue
-        seen = set()
-        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += 2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
     return total
 
 
@@ -131,7 +128,7 @@ def save_compressed(model: nn.Module, out_dir, tokenizer=None, report=None, dens
     weights_bytes = os.path.getsize(path)
 
     tokenizer_files = _save_tokenizer(model, tokenizer, out_dir)
-    fp16 = _fp16_bytes(model)
+    fp16 = _fp16_bytes(model, tensors, packed_keys)
     size = {"on_disk_bytes": weights_bytes, "fp16_bytes": fp16, "ratio_vs_fp16": weights_bytes / fp16}
     import transformers
 
