@@ -1,0 +1,237 @@
+"""Calibration text sampled from the dense model itself, so pruning needs no dataset.
+
+Self-calibration (Williams, Chrysostomou & Aletras, NAACL 2025) generates the calibration inputs
+with the model before it is compressed, starting from no context; LLM-QAT (Liu et al., 2023) uses
+the same idea for data-free quantization. Both found that full stochastic sampling is needed:
+greedy decoding collapses into a few repetitive texts, and the goal is to approximate the
+distribution the model was trained on, not its single most likely text.
+
+Choices made here (all documented in the returned ``info``):
+
+- **Sampling**: temperature 1.0 (the model's own distribution, which is what the calibration
+  statistics should describe) with nucleus top-p 0.95, which removes only the unreliable low
+  probability tail (Holtzman et al., 2020) that otherwise lets a small model wander into garbage
+  it would never produce on real text. Greedy (temperature 0) is refused: every sample would be
+  the same text.
+- **Start**: every row begins with the BOS token (from the tokenizer, else the model config), or
+  with a short neutral text prefix when neither defines one. The prefix is part of the row, so a
+  row is exactly the sequence the model saw while generating it.
+- **EOS**: by default (``on_eos="continue"``) an end-of-sequence token is kept and sampling goes on,
+  so the model starts a new document after it. That is how pre-training data (packed documents
+  separated by EOS) and the C4 windows used for calibration look, and it keeps every row at
+  exactly ``seqlen`` real tokens with no padding. ``on_eos="suppress"`` instead forbids EOS and
+  forces one continuous document per row.
+- **Determinism**: all randomness comes from one CPU generator seeded with ``seed``, which draws
+  one uniform number per output token up front (row ``i`` always gets the same numbers). Tokens
+  are drawn by inverse-CDF sampling from those numbers, so the result does not depend on
+  ``batch_size`` or on the device's random number generator; only floating-point differences
+  between devices or batch shapes can change a draw that falls right on a probability boundary.
+"""
+import time
+from typing import Optional, Sequence, Union
+
+import torch
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 0.95
+DEFAULT_BATCH_SIZE = 8
+# Used only when neither the tokenizer nor the model config has a BOS token.
+NEUTRAL_PREFIX = "\n"
+EOS_MODES = ("continue", "suppress")
+
+
+def sample_next_token(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float,
+                      top_p: float) -> torch.Tensor:
+    """Draw one token per row by inverse-CDF sampling from the temperature/top-p distribution.
+
+    ``logits``: ``[B, V]``; ``uniforms``: ``[B]`` numbers in ``[0, 1)``. Returns ``[B]`` token ids.
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p``.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Stable sort: equal probabilities keep a fixed order, so a seed always gives the same token.
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    keep = mass_before < top_p  # always keeps the most likely token
+    sorted_p = sorted_p * keep
+    cdf = sorted_p.cumsum(dim=-1)
+    target = uniforms.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    pos = torch.searchsorted(cdf, target, right=True)
+    # Rounding can put the target at the very top of the kept mass: stay inside the nucleus.
+    pos = torch.minimum(pos, keep.sum(dim=-1, keepdim=True) - 1)
+    return order.gather(-1, pos).squeeze(-1)
+
+
+def sampling_uniforms(seed: int, nsamples: int, seqlen: int) -> torch.Tensor:
+    """The ``[nsamples, seqlen]`` float64 uniforms that drive sampling for ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(nsamples, seqlen, generator=gen, dtype=torch.float64)
+
+
+def _config_value(model, name):
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(cfg, name, None) if cfg is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def _as_id_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def resolve_prefix(model, tokenizer, prefix) -> list:
+    """The token ids every row starts with (see the module docstring for the default)."""
+    if prefix is None:
+        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        if bos is None:
+            bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+        if bos is not None:
+            return _as_id_list(bos)[:1]
+        if tokenizer is None:
+            raise ValueError(
+                "self-calibration needs a start token: the model config has no bos_token_id and no "
+                "tokenizer was given; pass a tokenizer or prefix=[token ids]")
+        prefix = NEUTRAL_PREFIX
+    if isinstance(prefix, str):
+        if tokenizer is None:
+            raise ValueError(f"prefix={prefix!r} is text, which needs a tokenizer; pass a tokenizer "
+                             "or prefix as a list of token ids")
+        ids = list(tokenizer.encode(prefix, add_special_tokens=False))
+    elif isinstance(prefix, torch.Tensor):
+        ids = [int(v) for v in prefix.flatten().tolist()]
+    else:
+        ids = [int(v) for v in prefix]
+    if not ids:
+        raise ValueError(f"prefix={prefix!r} gives no tokens; it must give at least one")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]
+    if bad:
+        raise ValueError(f"prefix token ids {bad} are outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def _check_args(nsamples, seqlen, temperature, top_p, batch_size, on_eos):
+    for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature={temperature!r} is not allowed: it must be > 0 (greedy "
+                         "decoding would make every calibration sample the same text)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
+    if on_eos not in EOS_MODES:
+        raise ValueError(f"on_eos={on_eos!r} is not allowed: choose one of {EOS_MODES}")
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def generate_calibration(
+    model,
+    tokenizer=None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    *,
+    seed: int = 0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    top_p: float = DEFAULT_TOP_P,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    prefix: Optional[Union[str, Sequence[int], torch.Tensor]] = None,
+    on_eos: str = "continue",
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+):
+    """Sample ``nsamples`` sequences of exactly ``seqlen`` tokens from ``model``.
+
+    Returns ``(tokens, info)``: ``tokens`` is a CPU LongTensor ``[nsamples, seqlen]`` (prefix
+    included) in the same form as dataset calibration; ``info`` records how it was made and the
+    generation time in seconds. Sampling runs batched with the KV cache, in the model's own
+    dtype, on ``device`` (default: where the model is; a model elsewhere is moved there for the
+    generation and moved back afterwards).
+    """
+    from tqdm.auto import tqdm
+
+    _check_args(nsamples, seqlen, temperature, top_p, batch_size, on_eos)
+    prefix_ids = resolve_prefix(model, tokenizer, prefix)
+    if len(prefix_ids) >= seqlen:
+        raise ValueError(f"seqlen={seqlen} leaves no room to generate after the {len(prefix_ids)}"
+                         "-token prefix; seqlen must be larger than the prefix")
+    eos_ids = _as_id_list(_config_value(model, "eos_token_id"))
+    if not eos_ids and tokenizer is not None:
+        eos_ids = _as_id_list(getattr(tokenizer, "eos_token_id", None))
+    if on_eos == "suppress" and not eos_ids:
+        raise ValueError("on_eos='suppress' needs an EOS token id, but neither the model config nor "
+                         "the tokenizer defines one")
+
+    home = _model_device(model)
+    run_device = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    if run_device != home:
+        model.to(run_device)
+
+    uniforms = sampling_uniforms(seed, nsamples, seqlen)
+    tokens = torch.empty(nsamples, seqlen, dtype=torch.long)
+    tokens[:, : len(prefix_ids)] = torch.tensor(prefix_ids, dtype=torch.long)
+    start_pos = len(prefix_ids)
+    bar = tqdm(total=nsamples * (seqlen - start_pos), unit="tok", desc="self-calibration",
+               disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        for first in range(0, nsamples, batch_size):
+            rows = slice(first, min(first + batch_size, nsamples))
+            batch = tokens[rows].to(run_device)
+            step_input = batch[:, :start_pos]
+            cache = None
+            for pos in range(start_pos, seqlen):
+                out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                if on_eos == "suppress":
+                    logits[:, eos_ids] = float("-inf")
+                nxt = sample_next_token(logits, uniforms[rows, pos], temperature, top_p)
+                batch[:, pos] = nxt
+                step_input = nxt.unsqueeze(-1)
+                bar.update(nxt.shape[0])
+            tokens[rows] = batch.cpu()
+            del cache, out
+        if run_device.type == "cuda":
+            torch.cuda.synchronize(run_device)
+    finally:
+        bar.close()
+        if run_device != home:
+            model.to(home)
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    generated = tokens[:, start_pos:]
+    eos_sampled = int(torch.isin(generated, torch.tensor(eos_ids, dtype=torch.long)).sum()) \
+        if eos_ids else 0
+    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else None
+    info = {
+        "source": "self",
+        "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "batch_size": batch_size,
+        "prefix_ids": prefix_ids,
+        "on_eos": on_eos,
+        "eos_token_ids": eos_ids,
+        "eos_sampled": eos_sampled,
+        "device": str(run_device),
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "seconds": seconds,
+        "tokens_per_second": generated.numel() / seconds if seconds > 0 else float("inf"),
+    }
+    return tokens, info
