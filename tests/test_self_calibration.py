@@ -19,6 +19,7 @@ def tiny_llama(bos=BOS, eos=EOS, seed=0):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
                       tie_word_embeddings=False)
+    cfg.use_cache = False  # as the pruning pipeline loads models: generation must turn it on itself
     model = LlamaForCausalLM(cfg).eval()
     # Random init gives nearly uniform logits; sharpen them so the sampler's choices matter.
     with torch.no_grad():
