@@ -40,15 +40,17 @@ class HessianCollector:
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1])
+            source = inputs[0]
+            x = source.detach().reshape(-1, source.shape[-1])
             stats = self.stats[name]
-            key = (x.data_ptr(), tuple(x.shape), x.dtype, x.device)
+            key = (source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, source.device)
             owner = self._owner_of_input.get(key)
-            if owner is not None and owner.nsamples == stats.nsamples + x.shape[0]:
-                stats.H.copy_(owner.H)
-                stats.nsamples = owner.nsamples
+            if owner is not None and owner[1] is source and owner[0].nsamples == stats.nsamples + x.shape[0]:
+                stats.H.copy_(owner[0].H)
+                stats.nsamples = owner[0].nsamples
                 return
             stats.nsamples = accumulate_hessian(stats.H, stats.nsamples, x)
-            self._owner_of_input[key] = stats
+            # Keeping ``source`` referenced until the batch ends stops its memory from being
+            # reused by a different tensor at the same address within this batch.
+            self._owner_of_input[key] = (stats, source)
         return hook

@@ -1,0 +1,155 @@
+import pytest
+import torch
+
+from pyprune.models import UnsupportedModelError, decoder_layers, prunable_linears, weight_matrix
+from pyprune.pipeline import RunOptions, prune_model
+from pyprune.schedule import UniformSchedule
+from pyprune.solvers import SOLVERS, SparsityPattern
+from tests.helpers import FAMILIES, tiny_model
+
+
+def calib(nsamples=4, seqlen=32, seed=0):
+    return torch.randint(0, 128, (nsamples, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, method="sparsegpt", pattern="0.5", **options):
+    options.setdefault("show_progress", False)
+    return prune_model(model, calib(), method, UniformSchedule(SparsityPattern.parse(pattern)), {},
+                       RunOptions(batch_size=2, **options))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_every_family_prunes_end_to_end(family, pattern):
+    model = tiny_model(family)
+    tokens = calib()
+    before = model(tokens).logits
+    result = run(model, pattern=pattern)
+    after = model(tokens).logits
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert not torch.allclose(after, before)
+    linears = [m for layer in decoder_layers(model) for _, m in prunable_linears(layer)]
+    assert len(result["records"]) == len(linears) > 0
+    for module in linears:
+        W = weight_matrix(module)
+        if pattern == "2:4":
+            assert ((W != 0).reshape(W.shape[0], -1, 4).sum(-1) == 2).all()
+        else:
+            assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_layers_see_inputs_of_already_pruned_layers():
+    """Layer 1's Hessian must come from layer 0's *pruned* outputs (sequential pruning)."""
+    seen = []
+    original = SOLVERS["sparsegpt"]
+
+    def spy(W, stats, pattern, **kw):
+        seen.append(stats.H.clone())
+        return original(W, stats, pattern, **kw)
+
+    SOLVERS["sparsegpt"] = spy
+    try:
+        run(tiny_model("llama"))
+    finally:
+        SOLVERS["sparsegpt"] = original
+    dense = tiny_model("llama")
+    seen_dense = []
+
+    def spy_dense(W, stats, pattern, **kw):
+        seen_dense.append(stats.H.clone())
+        return original(W, stats, SparsityPattern(sparsity=0.0), **kw)
+
+    SOLVERS["sparsegpt"] = spy_dense
+    try:
+        run(dense)
+    finally:
+        SOLVERS["sparsegpt"] = original
+    per_layer = len(seen) // 2
+    assert torch.allclose(seen[0], seen_dense[0])  # layer 0: identical inputs
+    assert not torch.allclose(seen[per_layer], seen_dense[per_layer], rtol=1e-3)  # layer 1 differs
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_gives_bit_identical_weights(tmp_path):
+    reference = tiny_model("llama")
+    run(reference)
+
+    model = tiny_model("llama")
+    calls = {"n": 0}
+    original = SOLVERS["sparsegpt"]
+    per_layer = len(prunable_linears(decoder_layers(model)[0]))
+
+    def dies_in_layer_1(W, stats, pattern, **kw):
+        calls["n"] += 1
+        if calls["n"] > per_layer:
+            raise Killed
+        return original(W, stats, pattern, **kw)
+
+    SOLVERS["sparsegpt"] = dies_in_layer_1
+    try:
+        with pytest.raises(Killed):
+            run(model, progress_dir=str(tmp_path / "p"))
+    finally:
+        SOLVERS["sparsegpt"] = original
+
+    fresh = tiny_model("llama")  # a new process would start from the dense checkpoint
+    result = run(fresh, progress_dir=str(tmp_path / "p"), resume=True)
+    assert result["resumed_from"] == 1
+    assert len(result["records"]) == 2 * per_layer
+    for (name, a), (_, b) in zip(reference.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_with_other_configuration_is_refused(tmp_path):
+    run(tiny_model("llama"), progress_dir=str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="different configuration"):
+        prune_model(tiny_model("llama"), calib(seed=1), "sparsegpt",
+                    UniformSchedule(SparsityPattern(sparsity=0.5)), {},
+                    RunOptions(batch_size=2, progress_dir=str(tmp_path / "p"), resume=True, show_progress=False))
+
+
+def test_nm_not_dividing_a_width_fails_before_any_work():
+    model = tiny_model("llama")  # widths 64 and 128
+    calls = {"n": 0}
+    original = SOLVERS["sparsegpt"]
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+
+    SOLVERS["sparsegpt"] = counting
+    try:
+        with pytest.raises(ValueError, match="multiple of 3"):
+            run(model, pattern="2:3")
+    finally:
+        SOLVERS["sparsegpt"] = original
+    assert calls["n"] == 0
+
+
+def test_unknown_family_is_refused_by_name():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "mystery", "num_hidden_layers": 3})()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+    with pytest.raises(UnsupportedModelError, match="mystery"):
+        run(Odd())
+
+
+def test_magnitude_needs_no_calibration():
+    model = tiny_model("opt")
+    result = prune_model(model, None, "magnitude", UniformSchedule(SparsityPattern(sparsity=0.3)), {},
+                         RunOptions(show_progress=False))
+    assert all(r["achieved_sparsity"] == pytest.approx(0.3, abs=1e-3) for r in result["records"])
+
+
+def test_activations_offloaded_to_cpu_give_the_same_result():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    run(a, activations="device")
+    run(b, activations="cpu")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
