@@ -188,7 +188,7 @@ def test_layer_quantizer_after_a_solver(W, stats):
     result = wanda.solve(W, stats, pattern)
     weight, fields = quantizer("layers.0.q_proj", result.weight, result, stats)
     q = quantizer.results["layers.0.q_proj"]
-    assert torch.equal(q.pruned, result.pruned) and torch.equal(weight, q.weight)
+    assert torch.equal(q.pruned, result.pruned) and torch.equal(weight, q.dequantize())
     assert fields["bits_per_weight"] == pytest.approx(2 + 1 + 16 / 64) and fields["storage_layout"] == "2:4"
     # The joint solver's result is recorded as is (no second quantization).
     joint = sparsegpt_int4_solver(64)(W, stats, pattern)

@@ -17,7 +17,6 @@ keeps the file parseable is caught too. Loading validates everything and raises
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -25,6 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pyprune.ops import int4_grid
+from pyprune.solvers.quant_result import QuantCodes
+
+# What a load returns per Linear: codes, scales (float32, fp16-exact), mask, resolved group size.
+QuantState = QuantCodes
 
 SIDECAR_NAME = "pyprune_int4.safetensors"
 FORMAT = "pyprune-int4"
@@ -35,24 +38,13 @@ class QuantStateError(ValueError):
     """A sidecar is missing, corrupt or inconsistent."""
 
 
-@dataclass
-class QuantState:
-    qweight: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor  # float32 [out, ngroups], fp16-exact
-    pruned: torch.Tensor  # bool [out, in]
-    groupsize: int  # resolved columns per scale
-
-    def dequantize(self) -> torch.Tensor:
-        return int4_grid.dequantize_groups(self.qweight, self.scales, self.groupsize)
-
-
 def sidecar_path(path: str) -> str:
     """The sidecar file for a model folder (or the file itself when a file path is given)."""
     return os.path.join(path, SIDECAR_NAME) if os.path.isdir(path) or not path.endswith(".safetensors") else path
 
 
 def save_quant_state(path: str, states: Mapping[str, object], metadata: Optional[dict] = None) -> str:
-    """Write ``states`` (name -> QuantResult or QuantState) into the sidecar of ``path``.
+    """Write ``states`` (name -> QuantResult or QuantCodes) into the sidecar of ``path``.
 
     ``path`` is a model folder (created if needed) or a ``.safetensors`` file path. ``metadata``
     (JSON-serialisable) is stored under the key ``user``. Returns the file written. The write is

@@ -14,6 +14,19 @@ from pyprune.solvers.base import reconstruction_loss
 
 
 @dataclass
+class QuantCodes:
+    """The storable part of a result: what a checkpoint or an INT4 module needs."""
+
+    qweight: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # float32 [out, in // groupsize], fp16-exact
+    pruned: torch.Tensor  # bool [out, in]
+    groupsize: int
+
+    def dequantize(self) -> torch.Tensor:
+        return int4_grid.dequantize_groups(self.qweight, self.scales, self.groupsize)
+
+
+@dataclass
 class QuantResult:
     weight: torch.Tensor  # float32 [out, in], exactly scale * code
     qweight: torch.Tensor  # int8 [out, in], codes in -8..7 (0 wherever pruned)
@@ -27,6 +40,9 @@ class QuantResult:
 
     def dequantize(self) -> torch.Tensor:
         return int4_grid.dequantize_groups(self.qweight, self.scales, self.groupsize)
+
+    def codes(self, device="cpu") -> QuantCodes:
+        return QuantCodes(self.qweight.to(device), self.scales.to(device), self.pruned.to(device), self.groupsize)
 
 
 def check_mask(pruned: Optional[torch.Tensor], W: torch.Tensor) -> Optional[torch.Tensor]:

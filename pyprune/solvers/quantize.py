@@ -16,9 +16,14 @@ from pyprune.solvers import gptq, rtn, sparsegpt
 from pyprune.solvers.base import LayerStats, SolverResult
 from pyprune.solvers.compressed_size import StorageCost, layer_storage, total_storage
 from pyprune.solvers.pattern import SparsityPattern
-from pyprune.solvers.quant_result import QuantResult, make_result
+from pyprune.solvers.quant_result import QuantCodes, QuantResult, make_result
 
 QUANTIZERS = {"rtn": rtn.solve, "gptq": gptq.solve}
+
+__all__ = [
+    "QUANTIZERS", "LayerQuantizer", "QuantCodes", "QuantResult", "no_pruning", "prune_and_quantize",
+    "quantize_layer", "sparsegpt_int4_solver",
+]
 
 
 def quantize_layer(
@@ -89,8 +94,9 @@ class LayerQuantizer:
 
     ``quantizer(name, W_pruned, solver_result, stats) -> (weight, report_fields)``: runs
     :func:`quantize_layer` with the solver's mask (kept bit-identical), or, when the solver was the
-    joint sweep (``info["quant_result"]``), takes its result as is. Every :class:`QuantResult` is
-    kept (on CPU) in ``self.results[name]`` for the sidecar (``pyprune.formats.quant_state``).
+    joint sweep (``info["quant_result"]``), takes its result as is. The codes, scales and mask of
+    every Linear are kept (on CPU, as :class:`QuantCodes`) in ``self.results[name]`` for the
+    sidecar (``pyprune.formats.quant_state``) and the INT4 modules (``quant_state=``).
     ``nm=(n, m)`` makes the storage accounting use the N:M layout.
     """
 
@@ -112,10 +118,7 @@ class LayerQuantizer:
                                act_order=self.act_order, pruned=solver_result.pruned, **self.options)
             if not torch.equal(q.pruned, solver_result.pruned):
                 raise AssertionError(f"{name}: quantization changed the sparsity mask")
-        self.results[name] = QuantResult(
-            q.weight, q.qweight.cpu(), q.scales.cpu(), q.pruned.cpu(), q.groupsize, q.loss,
-            {k: v for k, v in q.info.items() if k != "quant_result"},
-        )
+        self.results[name] = q.codes("cpu")
         cost = layer_storage(q.qweight.shape, wbits=4, groupsize=q.groupsize, pruned=q.pruned, nm=self.nm)
         fields = {
             "wbits": 4,
