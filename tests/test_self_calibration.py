@@ -160,6 +160,7 @@ def test_prefix_resolution():
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(batch_size=0), "batch_size=0"),
     (dict(on_eos="stop"), "on_eos='stop'"),
+    (dict(seed=1.5), "seed=1.5"),
 ])
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -114,7 +114,7 @@ def resolve_prefix(model, tokenizer, prefix) -> list:
     return ids
 
 
-def _check_args(nsamples, seqlen, temperature, top_p, batch_size, on_eos):
+def _check_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos):
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
@@ -123,14 +123,17 @@ def _check_args(nsamples, seqlen, temperature, top_p, batch_size, on_eos):
                          "decoding would make every calibration sample the same text)")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} is not allowed: it must be in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer")
     if on_eos not in EOS_MODES:
         raise ValueError(f"on_eos={on_eos!r} is not allowed: choose one of {EOS_MODES}")
 
 
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _first_param(model):
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ValueError("the model has no parameters; self-calibration needs a causal language model")
+    return param
 
 
 @torch.inference_mode()
@@ -155,11 +158,12 @@ def generate_calibration(
     included) in the same form as dataset calibration; ``info`` records how it was made and the
     generation time in seconds. Sampling runs batched with the KV cache, in the model's own
     dtype, on ``device`` (default: where the model is; a model elsewhere is moved there for the
-    generation and moved back afterwards).
+    generation and moved back afterwards). ``tokenizer`` may be None when the model config has a
+    ``bos_token_id`` and ``prefix`` is not text. A progress bar counts generated tokens.
     """
     from tqdm.auto import tqdm
 
-    _check_args(nsamples, seqlen, temperature, top_p, batch_size, on_eos)
+    _check_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos)
     prefix_ids = resolve_prefix(model, tokenizer, prefix)
     if len(prefix_ids) >= seqlen:
         raise ValueError(f"seqlen={seqlen} leaves no room to generate after the {len(prefix_ids)}"
@@ -171,7 +175,8 @@ def generate_calibration(
         raise ValueError("on_eos='suppress' needs an EOS token id, but neither the model config nor "
                          "the tokenizer defines one")
 
-    home = _model_device(model)
+    param = _first_param(model)
+    home, dtype = param.device, param.dtype
     run_device = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval()
@@ -188,7 +193,7 @@ def generate_calibration(
     try:
         for first in range(0, nsamples, batch_size):
             rows = slice(first, min(first + batch_size, nsamples))
-            batch = tokens[rows].to(run_device)
+            batch = tokens[rows].to(run_device, copy=True)
             step_input = batch[:, :start_pos]
             cache = None
             for pos in range(start_pos, seqlen):
@@ -215,7 +220,6 @@ def generate_calibration(
     generated = tokens[:, start_pos:]
     eos_sampled = int(torch.isin(generated, torch.tensor(eos_ids, dtype=torch.long)).sum()) \
         if eos_ids else 0
-    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else None
     info = {
         "source": "self",
         "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
@@ -230,7 +234,7 @@ def generate_calibration(
         "eos_token_ids": eos_ids,
         "eos_sampled": eos_sampled,
         "device": str(run_device),
-        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "dtype": str(dtype).replace("torch.", ""),
         "seconds": seconds,
         "tokens_per_second": generated.numel() / seconds if seconds > 0 else float("inf"),
     }
