@@ -31,33 +31,61 @@ def nvidia_include_dirs():
     return dirs
 
 
+def cusolver_library():
+    """(folder, linker name) of the cuSOLVER shared library: the one in the nvidia-* wheels that
+    torch loads at import (so ``pyprune._C`` resolves to the very same library), else the
+    toolkit's. None when neither is found."""
+    for entry in sys.path:
+        for path in sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib", "libcusolver.so*"))):
+            return os.path.dirname(path), ":" + os.path.basename(path)
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for sub in ("lib64", "lib"):
+        folder = os.path.join(CUDA_HOME or "", sub)
+        if os.path.exists(os.path.join(folder, "libcusolver.so")):
+            return folder, "cusolver"
+    return None
+
+
+# Real architectures compiled (SASS) plus PTX of the newest for later GPUs. No Hopper-only
+# instructions are used, so there is no sm_90a target.
+ARCHS = ("80", "90")
+
+
 def cuda_extension():
     if os.environ.get("PYPRUNE_NO_EXT") == "1":
         print("pyprune: PYPRUNE_NO_EXT=1, skipping the CUDA extension")
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension, library_paths
     except ImportError:
         print("pyprune: torch not importable at build time, skipping the CUDA extension")
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         print("pyprune: CPU build of torch or no CUDA toolkit found, skipping the CUDA extension")
         return [], {}
+    cusolver = cusolver_library()
+    if cusolver is None:
+        print("pyprune: cuSOLVER library not found (nvidia-cusolver wheel or toolkit), skipping the CUDA extension")
+        return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + ["csrc/bindings.cpp"]
-    gencode = [
-        "-gencode=arch=compute_80,code=sm_80",
-        "-gencode=arch=compute_90,code=sm_90",
-        "-gencode=arch=compute_90,code=compute_90",
-    ]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    gencode.append(f"-gencode=arch=compute_{ARCHS[-1]},code=compute_{ARCHS[-1]}")
+    lib_dir, lib_name = cusolver
+    # No --use_fast_math: the kernels must round exactly like the PyTorch reference (IEEE division,
+    # no flush to zero), and they spell out every rounding with __fmul_rn / __fdiv_rn where it matters.
     ext = CUDAExtension(
         name="pyprune._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + nvidia_include_dirs(),
-        libraries=["cusolver", "cublas"],
+        library_dirs=[lib_dir],
+        libraries=[lib_name],
+        # rpath: `import pyprune._C` works before `import torch` (the module then imports torch).
+        extra_link_args=[f"-Wl,-rpath,{d}" for d in [lib_dir] + library_paths()],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode,
+            "cxx": ["-O3", "-std=c++20"],  # torch 2.14 headers need C++20
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

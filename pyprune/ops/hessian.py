@@ -43,14 +43,22 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, x: torch.Tensor) -> int:
         return nsamples
     total = nsamples + b
     ext = kernel_for(H)
-    if ext is not None:
-        ext.accumulate_hessian(H, x.contiguous(), nsamples)
+    if ext is not None and _kernel_accumulates(H, x):
+        ext.accumulate_hessian(H, x.contiguous(), nsamples)  # one pass, x read in its own dtype
         return total
     with no_tf32():
         xf = x.float()
         H.mul_(nsamples / total)
         H.addmm_(xf.t(), xf, alpha=2.0 / total)
     return total
+
+
+def _kernel_accumulates(H, x):
+    """The CUDA kernel takes a contiguous float32 H and fp32/fp16/bf16 inputs on H's device."""
+    return (
+        H.dtype == torch.float32 and H.is_contiguous() and x.device == H.device
+        and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    )
 
 
 @dataclass
@@ -94,17 +102,29 @@ def inverse_hessian_factor(
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be a square matrix, got shape {tuple(H.shape)}")
     ext = kernel_for(H)
-    if ext is not None:
+    if ext is not None and H.shape[0] <= _KERNEL_MAX_ORDER:
         U, dead, used, attempts, status = ext.inverse_hessian_factor(
             H.float().contiguous(), float(damp_fraction), int(max_attempts)
         )
         if status != 0:
             raise CholeskyError(
-                f"Cholesky failed {attempts} times (last dampening {used:g} x mean diag); "
-                f"cuSOLVER status {status}"
+                f"Cholesky of the dampened Hessian failed {attempts} times (dampening raised from "
+                f"{damp_fraction:g} to {used:g} x mean diag); last failure: {_factor_status(status)}"
             )
         return HessianFactor(U, dead.bool(), used, attempts)
     return _inverse_hessian_factor_reference(H, damp_fraction, max_attempts)
+
+
+_KERNEL_MAX_ORDER = 46340  # cuSOLVER's 32-bit potrf: n * n must fit an int
+
+
+def _factor_status(status):
+    """Text of the numerical status of ``pyprune._C.inverse_hessian_factor``."""
+    if status > 0:
+        return f"pivot {status} of the (row-reversed) Cholesky factorisation not positive"
+    if status == -1:
+        return "the factor of the inverse was singular or not finite"
+    return "no attempt was made (max_attempts < 1)"
 
 
 def _inverse_hessian_factor_reference(H, damp_fraction, max_attempts):

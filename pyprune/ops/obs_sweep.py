@@ -130,7 +130,7 @@ def _select_unstructured(W1, U1, prune1, sparsity):
 def _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
     """Freeze columns ``i1..i2`` one by one (W1, prune1 updated in place)."""
     ext = kernel_for(W1)
-    if ext is not None and (quant is None or quant.static_scales is None):
+    if ext is not None and _kernel_fits(W1, nm):
         return _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
     with _single_thread_on_cpu(W1):
         return _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
@@ -195,23 +195,39 @@ def _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale):
     return scale
 
 
+# What the fused kernel (csrc/obs_block.cu) handles: blocks of up to 128 columns (its block of U
+# lives in shared memory) and N:M groups whose size divides the warp width.
+_KERNEL_MAX_COLS = 128
+_KERNEL_GROUPS = (2, 4, 8, 16, 32)
+
+
+def _kernel_fits(W1, nm):
+    return W1.dtype == torch.float32 and W1.shape[1] <= _KERNEL_MAX_COLS and (nm is None or nm[1] in _KERNEL_GROUPS)
+
+
 def _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
-    """Fused kernel: one launch freezes the whole block (see csrc/obs_sweep.cu)."""
+    """Fused kernel: one launch freezes the whole block (see csrc/obs_block.cu), same rule as
+    :func:`_sweep_block_reference`. Fitted scales are fitted inside the kernel when it reaches a
+    group; a group reaching past the block is given the columns after it (``tail``)."""
     n, m = nm if nm is not None else (0, 0)
-    g = quant.groupsize if quant is not None else 0
-    if quant is not None and g > W1.shape[1] and i1 % g:
-        preset = scale.flatten().contiguous()  # a group continuing from an earlier block
-    elif quant is not None and g > W1.shape[1]:
-        group = torch.cat([W1.masked_fill(prune1, 0.0), W[:, i2:i1 + g]], dim=1)
-        preset = int4_grid.fit_scale(group).flatten().contiguous()
-        scales[:, i1 // g] = preset
-    else:
-        preset = torch.empty(0, device=W1.device)
-    Q1, Err1, loss, block_scales = ext.obs_block(W1, U1.contiguous(), prune1, n, m, i1, g, preset)
-    if quant is not None and g <= W1.shape[1]:
-        first = i1 // g
+    g, carry, tail, static, group_index = 0, None, None, None, None
+    if quant is not None and quant.static_scales is not None:
+        static = scales
+        group_index = quant.group_of_column[i1:i2].to(device=W1.device, dtype=torch.int32)
+    elif quant is not None:
+        g = quant.groupsize
+        if i1 % g:  # the block starts inside a group fitted in an earlier block
+            carry = scale.reshape(-1).contiguous()
+        last_start = (i2 - 1) // g * g
+        if last_start >= i1 and last_start + g > i2:
+            tail = W[:, i2:last_start + g]
+    Q1, Err1, loss, block_scales = ext.obs_block(
+        W1, U1, prune1, n, m, i1, g, carry_scale=carry, tail=tail, static_scales=static, group_index=group_index
+    )
+    if g and block_scales.shape[1]:
+        first = -(-i1 // g)
         scales[:, first:first + block_scales.shape[1]] = block_scales
         scale = block_scales[:, -1:].clone()
-    elif quant is not None:
-        scale = preset.reshape(-1, 1)
-    return Q1, Err1, scale, loss.double()
+    elif static is not None:
+        scale = scales.index_select(1, group_index[-1:].long())
+    return Q1, Err1, scale, loss
