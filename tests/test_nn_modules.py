@@ -166,3 +166,22 @@ def test_whole_model_on_the_triton_path(monkeypatch):
         monkeypatch.setattr(CompressedLinear, "_use_kernel", lambda self, x: True)
         out = model(ids).logits
     assert rel(out, ref) < 1e-3
+
+
+def test_reference_weight_cache():
+    from pyprune.nn import cache_reference_weights
+
+    model = tiny_llama(layers=1)
+    compress(model, "int4", groupsize=32)
+    ids = torch.randint(0, 96, (1, 8))
+    with torch.no_grad():
+        plain = model(ids).logits
+        assert cache_reference_weights(model) == 7
+        cached, again = model(ids).logits, model(ids).logits
+    assert torch.equal(plain, cached) and torch.equal(cached, again)
+    # New packed tensors (e.g. a reload) invalidate the cached weight.
+    proj = model.model.layers[0].mlp.down_proj
+    fresh = Int4Linear.from_linear(linear_with(torch.randn(64, 128), bias=False), groupsize=32)
+    proj.load_state_dict(fresh.state_dict())
+    x = torch.randn(2, 128)
+    assert torch.equal(proj(x), fresh(x))

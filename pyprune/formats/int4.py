@@ -65,6 +65,13 @@ def codes_on_grid(weight: torch.Tensor, scales: torch.Tensor, groupsize: int) ->
     return codes.to(torch.int8)
 
 
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """``q * s`` as float32 ``[N, K]`` (exact) from codes ``[N, K]`` and scales ``[N, K/G]``."""
+    n, k = codes.shape
+    grouped = codes.reshape(n, k // groupsize, groupsize).float()
+    return (grouped * scales.float().unsqueeze(-1)).reshape(n, k)
+
+
 def check_codes(codes: torch.Tensor, what: str = "codes"):
     c = codes.float() if codes.is_floating_point() else codes.to(torch.int64)
     bad = (c < int4_grid.QMIN) | (c > int4_grid.QMAX)
@@ -106,13 +113,13 @@ class Int4Weight(PackedWeight):
 
     def unpack(self) -> tuple:
         """(codes int8 ``[N, K]``, scales float32 ``[N, K/G]``), exactly what was packed."""
-        codes = (unpack_nibbles(self.qweight) - 8).to(torch.int8)
+        codes = (unpack_nibbles(self.qweight).view(torch.int8) - 8)
         return codes, self.scales.float().t().contiguous()
 
     def dense(self, dtype=torch.float32) -> torch.Tensor:
         """``q * s`` ``[N, K]`` computed exactly in float32, then cast to ``dtype``."""
         codes, scales = self.unpack()
-        return (codes.float() * scales.repeat_interleave(self.groupsize, dim=1)).to(dtype)
+        return dequantize_codes(codes, scales, self.groupsize).to(dtype)
 
     def layout(self) -> dict:
         return {"kind": self.kind, "shape": list(self.shape), "groupsize": self.groupsize}
@@ -131,7 +138,7 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, groupsize: int) -> Int4
     g = resolve_groupsize(groupsize, k)
     check_codes(codes)
     check_scales(scales, n, k // g)
-    qweight = pack_nibbles(codes.to(torch.int64) + 8)
+    qweight = pack_nibbles(codes.to(torch.int16) + 8)
     return Int4Weight(
         qweight=qweight, scales=scales.to(torch.float16).t().contiguous(), shape=(n, k), groupsize=g
     )

@@ -39,37 +39,54 @@ def check_2of4(nonzero: torch.Tensor, what: str = "weight"):
         )
 
 
+def _pair_table() -> torch.Tensor:
+    """For each 4-bit nonzero mask of a group (bit p = position p is nonzero), the two stored
+    positions ``(i0, i1)``: the nonzeros first, padded with the lowest free positions, sorted."""
+    table = torch.zeros(16, 2, dtype=torch.uint8)
+    for mask in range(16):
+        nonzero = [p for p in range(4) if mask >> p & 1]
+        free = [p for p in range(4) if not mask >> p & 1]
+        table[mask] = torch.tensor(sorted((nonzero + free)[:2]), dtype=torch.uint8)
+    return table
+
+
+_PAIRS = _pair_table()
+
+
 def kept_positions(nonzero: torch.Tensor) -> tuple:
     """For each group of 4 (``nonzero``: bool ``[N, K]`` with <= 2 per group), the two positions
-    stored: ``(i0, i1)``, int64 ``[N, K/4]`` each, ``i0 < i1``; nonzeros first, padding with the
+    stored: ``(i0, i1)``, uint8 ``[N, K/4]`` each, ``i0 < i1``; nonzeros first, padding with the
     lowest free positions."""
     n, k = nonzero.shape
-    groups = nonzero.reshape(n, k // 4, 4)
-    # Sort key: nonzero slots first, then by position, so the choice is deterministic.
-    key = (~groups).to(torch.int64) * 4 + torch.arange(4, device=nonzero.device)
-    first_two = torch.argsort(key, dim=-1)[..., :2]
-    first_two, _ = torch.sort(first_two, dim=-1)
-    return first_two[..., 0], first_two[..., 1]
+    g = nonzero.reshape(n, k // 4, 4).to(torch.uint8)
+    mask = g[..., 0] | (g[..., 1] << 1) | (g[..., 2] << 2) | (g[..., 3] << 3)
+    pairs = _PAIRS.to(nonzero.device)[mask.long()]
+    return pairs[..., 0], pairs[..., 1]
 
 
 def pack_meta(i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
     """Positions ``[N, K/4]`` -> int32 metadata ``[K/32, N]`` (layout in the module docstring)."""
-    return pack_nibbles(i0 | (i1 << 2)).t().contiguous()
+    return pack_nibbles(i0.to(torch.uint8) | (i1.to(torch.uint8) << 2)).t().contiguous()
 
 
 def unpack_meta(meta: torch.Tensor) -> tuple:
-    """int32 ``[K/32, N]`` -> positions ``(i0, i1)``, int64 ``[N, K/4]`` each."""
+    """int32 ``[K/32, N]`` -> positions ``(i0, i1)``, uint8 ``[N, K/4]`` each."""
     fields = unpack_nibbles(meta.t().contiguous())
     return fields & 3, fields >> 2
+
+
+_POSITIONS = torch.arange(4, dtype=torch.uint8)
 
 
 def scatter_kept(kept: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
     """Kept entries ``[N, K/2]`` and their positions -> dense ``[N, K]`` (zeros elsewhere)."""
     n, half = kept.shape
-    dense = torch.zeros(n, half // 2, 4, dtype=kept.dtype, device=kept.device)
     pairs = kept.reshape(n, half // 2, 2)
-    dense.scatter_(2, i0.unsqueeze(-1), pairs[..., :1])
-    dense.scatter_(2, i1.unsqueeze(-1), pairs[..., 1:])
+    pos = _POSITIONS.to(kept.device)
+    first = i0.to(torch.uint8).unsqueeze(-1) == pos
+    second = i1.to(torch.uint8).unsqueeze(-1) == pos
+    zero = torch.zeros((), dtype=kept.dtype, device=kept.device)
+    dense = torch.where(first, pairs[..., :1], torch.where(second, pairs[..., 1:], zero))
     return dense.reshape(n, half * 2)
 
 
@@ -77,7 +94,7 @@ def gather_kept(dense: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor) -> torc
     """Dense ``[N, K]`` -> the entries at positions ``(i0, i1)`` of each group, ``[N, K/2]``."""
     n, k = dense.shape
     groups = dense.reshape(n, k // 4, 4)
-    idx = torch.stack([i0, i1], dim=-1)
+    idx = torch.stack([i0, i1], dim=-1).to(torch.int64)
     return torch.gather(groups, 2, idx).reshape(n, k // 2)
 
 

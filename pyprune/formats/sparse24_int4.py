@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pyprune.formats.base import PackedWeight, check_matrix, expect_tensor
-from pyprune.formats.int4 import check_codes, check_scales, resolve_groupsize, rtn_codes
+from pyprune.formats.int4 import check_codes, check_scales, dequantize_codes, resolve_groupsize, rtn_codes
 from pyprune.formats.nibbles import pack_nibbles, unpack_nibbles
 from pyprune.formats.sparse24 import (
     check_2of4, gather_kept, kept_positions, pack_meta, scatter_kept, unpack_meta,
@@ -43,13 +43,13 @@ class Sparse24Int4Weight(PackedWeight):
 
     def unpack(self) -> tuple:
         """(codes int8 ``[N, K]`` with zeros at the pruned positions, scales float32 ``[N, K/G]``)."""
-        kept = (unpack_nibbles(self.qvalues) - 8).to(torch.int8)
+        kept = unpack_nibbles(self.qvalues).view(torch.int8) - 8
         i0, i1 = unpack_meta(self.meta)
         return scatter_kept(kept, i0, i1), self.scales.float().t().contiguous()
 
     def dense(self, dtype=torch.float32) -> torch.Tensor:
         codes, scales = self.unpack()
-        return (codes.float() * scales.repeat_interleave(self.groupsize, dim=1)).to(dtype)
+        return dequantize_codes(codes, scales, self.groupsize).to(dtype)
 
     def layout(self) -> dict:
         return {"kind": self.kind, "shape": list(self.shape), "groupsize": self.groupsize}

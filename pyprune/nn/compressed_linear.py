@@ -112,11 +112,22 @@ class CompressedLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exact reference: unpack, multiply in float32, cast back."""
-        w = self.dense_weight(torch.float32).to(x.device)
+        w = self._reference_weight(x.device)
         y = torch.matmul(x.float(), w.t())
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+    def _reference_weight(self, device) -> torch.Tensor:
+        """The float32 dense weight; kept between calls when caching is on (see
+        ``cache_reference_weights``), keyed on the packed tensors so a reload invalidates it."""
+        cache = getattr(self, "_dense_cache", None)
+        if cache is None:
+            return self.dense_weight(torch.float32).to(device)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in self.packed().tensors().values()) + (device,)
+        if cache.get("key") != key:
+            cache["key"], cache["weight"] = key, self.dense_weight(torch.float32).to(device)
+        return cache["weight"]
 
     def _kernel(self, kernels, x):
         raise NotImplementedError
@@ -280,6 +291,20 @@ class Sparse24Int4Linear(CompressedLinear):
     def _kernel(self, kernels, x):
         return kernels.sparse24_int4_matmul(x, self.qvalues, self.meta, self.scales, self.groupsize,
                                             self._kernel_bias(x))
+
+
+def cache_reference_weights(model: nn.Module, enabled: bool = True) -> int:
+    """Keep the unpacked float32 weight of every packed module between reference-path calls.
+
+    Unpacking costs far more than a small matmul on CPU; evaluating a compressed model on CPU
+    (e.g. perplexity) runs much faster with the cache, at the memory cost of the dense fp32
+    model. The Triton path never uses it. Returns the number of modules changed."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            module._dense_cache = {} if enabled else None
+            count += 1
+    return count
 
 
 # Format name (as in pyprune.formats.FORMATS) -> module class.
