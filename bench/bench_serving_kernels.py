@@ -321,8 +321,11 @@ def markdown(result) -> str:
         out += ["", "## End-to-end greedy decode", "", gpu["decode_model"], "",
                 "| model | decoder weights | generate tok/s (x) | CUDA-graph step tok/s (x) |", "|---|---|---|---|"]
         for r in gpu["decode"]:
-            graph = (f"{r['cuda_graph_tok_s']:.1f} ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_tok_s" in r
-                     else r.get("cuda_graph_error", "-"))
+            if "cuda_graph_tok_s" in r:
+                graph = f"{r['cuda_graph_tok_s']:.1f}" + (
+                    f" ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_speedup" in r else "")
+            else:
+                graph = r.get("cuda_graph_error", "-")
             out.append(f"| {r['model']} | {_fmt_bytes(r['layer_weight_bytes'])} ({r['weight_ratio_vs_dense']:.3f}) | "
                        f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x) | {graph} |")
         out.append("")
