@@ -142,6 +142,11 @@ def gs_label(g):
     return "per-channel" if g == -1 else f"g{g}"
 
 
+def config_order():
+    """Every config name in table order (a layer whose width every group size divides)."""
+    return [name for name, _ in configs_for(torch.zeros(1, 1536), None)]
+
+
 def configs_for(W, cal):
     """(config name, callable -> (weight, pruned mask or None, groupsize or None))."""
     cols = W.shape[1]
@@ -212,13 +217,15 @@ def main():
                 "bits_per_weight": cost.bits_per_weight, "seconds": time.time() - t,
             })
         print(f"{name}: done ({time.time() - t0:.1f}s)", file=sys.stderr)
-        md = write(args, source, rows, time.time() - t0)  # after every layer: a cut run keeps its rows
+        # Written after every Linear, so a run cut short keeps what it measured.
+        md = write(args, source, rows, time.time() - t0, list(layers))
     print(md)
 
 
-def write(args, source, rows, seconds):
+def write(args, source, rows, seconds, planned):
     os.makedirs(args.out, exist_ok=True)
-    report = {"source": source, "config": vars(args), "seconds": seconds, "summary": summarise(rows), "rows": rows}
+    report = {"source": source, "config": vars(args), "seconds": seconds, "planned_layers": planned,
+              "summary": summarise(rows), "rows": rows}
     with open(os.path.join(args.out, "int4_layers.json"), "w") as f:
         json.dump(report, f, indent=1)
     md = markdown(report)
@@ -230,7 +237,8 @@ def write(args, source, rows, seconds):
 def summarise(rows):
     """Per config: geometric mean of the relative errors over the layers where it applies."""
     out = {}
-    for config in dict.fromkeys(r["config"] for r in rows):
+    order = {name: k for k, name in enumerate(config_order())}
+    for config in sorted(dict.fromkeys(r["config"] for r in rows), key=lambda c: order.get(c, len(order))):
         sel = [r for r in rows if r["config"] == config]
         out[config] = {
             "layers": len(sel),
@@ -251,7 +259,8 @@ def markdown(report):
         f"Inputs: {report['source']}. Relative output error `tr(dW H dW^T)/tr(W H W^T)` x 1e3 on "
         "held-out tokens (lower is better); `mean` = geometric mean over the layers where the group "
         "size divides the width (g128 applies only to down_proj, whose width is 1536; the others are 576 "
-        f"wide). Total time {report['seconds']:.0f} s.",
+        f"wide). {len(layers)} of {len(report['planned_layers'])} planned Linears measured; "
+        f"total time {report['seconds']:.0f} s.",
         "",
         "| config | bits/weight | " + " | ".join(short) + " | mean (heldout) | mean (calib) |",
         "| --- | ---: | " + " | ".join("---:" for _ in short) + " | ---: | ---: |",
