@@ -114,7 +114,9 @@ def resolve_prefix(model, tokenizer, prefix) -> list:
     return ids
 
 
-def _check_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos):
+def check_generation_args(nsamples, seqlen, seed=0, temperature=DEFAULT_TEMPERATURE,
+                          top_p=DEFAULT_TOP_P, batch_size=DEFAULT_BATCH_SIZE, on_eos="continue"):
+    """Raise ValueError naming the first bad argument (cheap: call it before loading a model)."""
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
@@ -163,7 +165,7 @@ def generate_calibration(
     """
     from tqdm.auto import tqdm
 
-    _check_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos)
+    check_generation_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos)
     prefix_ids = resolve_prefix(model, tokenizer, prefix)
     if len(prefix_ids) >= seqlen:
         raise ValueError(f"seqlen={seqlen} leaves no room to generate after the {len(prefix_ids)}"
