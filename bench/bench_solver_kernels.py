@@ -14,8 +14,8 @@ For every layer shape ``[out, in]`` (LLaMA-7B: 4096x4096, 4096x11008, 11008x4096
 
 Median wall time over repeats (CUDA events around each call, after a warm-up). Results go to
 ``bench/results/solver_kernels_<device>.json`` and ``.md``. Without a GPU only the reference half
-runs, on CPU, at shapes reduced by ``--cpu-scale`` (default 16), and the kernel half is marked
-skipped; use it to check the script, not for numbers.
+runs, on CPU, at shapes divided by ``--cpu-scale`` (default 16, rounded to multiples of 128),
+with fewer repeats, and the kernel half is marked skipped: a check of the script, not numbers.
 
     python bench/bench_solver_kernels.py                       # GPU: all shapes
     python bench/bench_solver_kernels.py --shapes 4096x4096 --repeats 5
@@ -165,15 +165,17 @@ def cases(out, inp, device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="*", default=LLAMA_SHAPES, help="layer shapes OUTxIN")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=None, help="default 10 on GPU, 2 on CPU")
     p.add_argument("--only", nargs="*", default=None, help="run only cases whose name starts with one of these")
     p.add_argument("--cpu-scale", type=int, default=16, help="without a GPU, divide both dims by this")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds per case and path at most")
+    p.add_argument("--budget", type=float, default=None, help="seconds per case and path (default 60 GPU, 3 CPU)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = p.parse_args(argv)
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
+    args.repeats = args.repeats or (10 if gpu else 2)
+    args.budget = args.budget or (60.0 if gpu else 3.0)
     ext = _extension.load_extension()
     kernel_note = None
     if not gpu:
@@ -187,8 +189,8 @@ def main(argv=None):
     rows = []
     for shape in args.shapes:
         out, inp = (int(v) for v in shape.lower().split("x"))
-        if not gpu:
-            out, inp = max(out // args.cpu_scale, 8), max(inp // args.cpu_scale, 8)
+        if not gpu:  # reduced, kept multiples of 128 (INT4 groups and OBS blocks)
+            out, inp = (max(128, round(v / args.cpu_scale / 128) * 128) for v in (out, inp))
         for name, setup in cases(out, inp, device):
             if args.only and not any(name.startswith(o) for o in args.only):
                 continue
@@ -200,7 +202,7 @@ def main(argv=None):
                 torch.manual_seed(0)
                 with reference_forced(forced):
                     fn = setup()
-                    ms, n = timed(fn, device, args.repeats, budget_s=args.budget)
+                    ms, n = timed(fn, device, args.repeats, warmup=1 if gpu else 0, budget_s=args.budget)
                 row[f"{path}_ms"], row[f"{path}_runs"] = ms, n
                 del fn
                 if gpu:
@@ -222,7 +224,7 @@ def main(argv=None):
         "kernel_half": kernel_note or "run",
         "tokens_per_batch": TOKENS if gpu else 256,
         "repeats": args.repeats,
-        "note": None if gpu else f"CPU run: shapes divided by {args.cpu_scale}; reference half only",
+        "note": None if gpu else f"CPU run: shapes divided by {args.cpu_scale}; reference half only.",
     }
     with open(os.path.join(args.out, f"solver_kernels_{tag}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

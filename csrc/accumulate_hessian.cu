@@ -6,8 +6,9 @@
 //    floats is exact in float32, so this is float32 accumulation of exact products, no TF32.
 //  * fp32: CUDA cores, FMA in float32 (TF32 would round the inputs; it is never used here).
 // H is symmetric, so only tiles (I, J) with I <= J are computed; an off-diagonal tile is written
-// to both (I, J) and (J, I). Each output tile is 128 x 128; the epilogue reads the old H, scales
-// and writes it, so H is touched once.
+// to both (I, J) and (J, I), a diagonal tile's upper half to both halves, so H stays exactly
+// symmetric. Each output tile is 128 x 128; the epilogue reads the old H (its upper triangle),
+// scales and writes it, so H is touched once.
 #include <mma.h>
 
 #include <cuda_bf16.h>
@@ -127,19 +128,20 @@ xtx_tensor_core_kernel(float* __restrict__ H, const unsigned short* __restrict__
       for (int e = lane; e < 256; e += 32) {
         const int64_t gi = ti + (e >> 4), gj = tj + (e & 15);
         float v = 0.0f;
-        if (gi < n && gj < n) {
+        if (gi < n && gj < n && (I != J || gi <= gj)) {
           v = alpha * H[gi * n + gj] + beta * stage[e];
           H[gi * n + gj] = v;
         }
         stage[e] = v;
       }
       __syncwarp();
-      if (I != J) {  // mirror: consecutive lanes write consecutive columns of row gj
-        for (int e = lane; e < 256; e += 32) {
-          const int r = e & 15, c = e >> 4;
-          const int64_t gi = ti + r, gj = tj + c;
-          if (gi < n && gj < n) H[gj * n + gi] = stage[r * 16 + c];
-        }
+      // Mirror (consecutive lanes write consecutive columns of row gj). On a diagonal tile only
+      // the upper half is mirrored, so H stays exactly symmetric whatever order the tensor cores
+      // summed (i, j) and (j, i) in.
+      for (int e = lane; e < 256; e += 32) {
+        const int r = e & 15, c = e >> 4;
+        const int64_t gi = ti + r, gj = tj + c;
+        if (gi < n && gj < n && (I != J || gi < gj)) H[gj * n + gi] = stage[r * 16 + c];
       }
       __syncwarp();
     }
@@ -207,10 +209,10 @@ xtx_f32_kernel(float* __restrict__ H, const float* __restrict__ X, int64_t b, in
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       const int64_t gj = j0 + (q < 4 ? 4 * tx + q : 64 + 4 * tx + q - 4);
-      if (gi < n && gj < n) {
+      if (gi < n && gj < n && (I != J || gi <= gj)) {  // diagonal tile: upper half, mirrored
         const float v = alpha * H[gi * n + gj] + beta * acc[p][q];
         H[gi * n + gj] = v;
-        if (I != J) H[gj * n + gi] = v;
+        if (gi != gj) H[gj * n + gi] = v;
       }
     }
   }

@@ -209,12 +209,16 @@ def test_sparsegpt_solver_with_kernels(monkeypatch):
     from pyprune.solvers.base import LayerStats
     from pyprune.solvers.pattern import SparsityPattern
 
+    # The kernel path factors H by another (more accurate) algorithm, so U differs in the last
+    # bits and a nearly tied N:M choice may go the other way: compare outcomes, not bits.
     seed = fresh_seed()
     W = torch.randn(64, 256, device=DEV, dtype=torch.bfloat16)
     stats = LayerStats(H=random_hessian(256, dead=(7,)), nsamples=1024)
     got, want = run_both(monkeypatch, lambda: sparsegpt.solve(W, stats, SparsityPattern(n=2, m=4)))
-    assert torch.equal(got.pruned, want.pruned), f"seed {seed}"
-    assert rel(got.weight.float(), want.weight.float()) < 1e-2  # bf16 outputs: one rounding apart at most
+    assert int(got.pruned.sum()) == int(want.pruned.sum()) == 64 * 128
+    assert float((got.pruned == want.pruned).float().mean()) > 0.99, f"seed {seed}"
+    assert bool((got.weight[:, 7] == 0).all())  # dead input
+    assert got.loss == pytest.approx(want.loss, rel=1e-2), f"seed {seed}"
 
 
 # ---- ADMM step ------------------------------------------------------------------------------------
