@@ -220,11 +220,14 @@ def test_unknown_task_names_the_task_and_how_to_list(tmp_path):
     write_task(tmp_path / "tasks")
     with pytest.raises(harness.UnknownTaskError) as info:
         # The model is never touched: the name check comes before any model work.
-        harness.evaluate_tasks(None, None, [TASK, TASK + "x"], task_dirs=[tmp_path / "tasks"])
+        harness.evaluate_tasks(None, None, [TASK, "arc_easyy"], task_dirs=[tmp_path / "tasks"])
     message = str(info.value)
-    assert repr(TASK + "x") in message
-    assert f"did you mean {TASK}" in message
+    assert "'arc_easyy'" in message and repr(TASK) not in message
+    assert "did you mean arc_easy" in message
     assert "lm-eval ls tasks" in message
+    # Harness tasks and local tasks resolve together (same cached index, no second scan).
+    names, manager = harness.resolve_tasks(f"arc_easy,{TASK}", [tmp_path / "tasks"])
+    assert names == ["arc_easy", TASK] and {"arc_easy", TASK} <= set(manager.all_tasks)
 
 
 def test_bad_arguments_are_rejected_before_model_work(tmp_path):
@@ -235,6 +238,9 @@ def test_bad_arguments_are_rejected_before_model_work(tmp_path):
         harness.evaluate_tasks(None, None, [TASK], batch_size=0)
     with pytest.raises(FileNotFoundError, match="task folder not found"):
         harness.evaluate_tasks(None, None, [TASK], task_dirs=[tmp_path / "missing"])
+    write_task(tmp_path / "tasks")
+    with pytest.raises(TypeError, match="loaded Hugging Face causal LM object"):
+        harness.evaluate_tasks("some/model-path", None, [TASK], task_dirs=[tmp_path / "tasks"])
 
 
 @pytest.mark.parametrize("offline", [True, None])

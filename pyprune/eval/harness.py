@@ -353,6 +353,11 @@ def evaluate_tasks(
     if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
         raise ValueError(f"num_fewshot={num_fewshot!r}: use an integer >= 0 or None")
     names, manager = resolve_tasks(tasks, task_dirs)
+    if isinstance(model, (str, os.PathLike)) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a loaded Hugging Face causal LM object, got {model!r}; "
+                        f"load it first (pyprune.models.load_model) so the harness scores it in memory")
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a loaded tokenizer object, got {tokenizer!r}")
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
