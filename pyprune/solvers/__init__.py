@@ -1,5 +1,5 @@
 """Solvers: pure functions on one weight matrix (see ``base.py`` for the contract)."""
-from pyprune.solvers import magnitude, sparsegpt, wanda
+from pyprune.solvers import admm, magnitude, sparsegpt, wanda
 from pyprune.solvers.base import LayerStats, SolverResult, reconstruction_loss
 from pyprune.solvers.pattern import SparsityPattern, select_pruned
 
@@ -7,6 +7,7 @@ SOLVERS = {
     "magnitude": magnitude.solve,
     "wanda": wanda.solve,
     "sparsegpt": sparsegpt.solve,
+    "admm": admm.solve,
 }
 
 # Solvers that need no calibration statistics at all.
