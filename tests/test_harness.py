@@ -267,3 +267,21 @@ def test_missing_local_data_file_is_named(tmp_path, tokenizer):
     model = build_model(len(tokenizer), seed=0)
     with pytest.raises(harness.TaskDataError, match="local data file .*items.jsonl.* does not exist"):
         harness.evaluate_tasks(model, tokenizer, [TASK], task_dirs=[tmp_path / "tasks"])
+
+
+def test_compressed_modules_are_scored_in_memory(tmp_path, tokenizer):
+    pytest.importorskip("lm_eval")
+    from pyprune.nn import Int4Linear
+
+    rows = write_task(tmp_path / "tasks", n_items=8, seed=random.randrange(10**6))
+    model = build_model(len(tokenizer), seed=random.randrange(10**6))
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, Int4Linear.from_linear(child, groupsize=32))
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 14
+    report = harness.evaluate_tasks(model, tokenizer, [TASK], task_dirs=[tmp_path / "tasks"], batch_size=4)
+    ref_acc, ref_norm = reference_accuracy(model, tokenizer, rows)
+    assert report["tasks"][TASK]["acc"] == pytest.approx(ref_acc, abs=1e-12)
+    assert report["tasks"][TASK]["acc_norm"] == pytest.approx(ref_norm, abs=1e-12)
