@@ -15,7 +15,8 @@ perplexity ordering.
 Writes ``<out>.json`` and ``<out>.md`` (default ``bench/results/zero_shot``).
 
     python bench/bench_zero_shot.py --models smollm2-135m --prune magnitude:0.5
-    python bench/bench_zero_shot.py --models dense=smollm2-135m sgpt50=runs/sgpt50 best70=runs/best70
+    python bench/bench_zero_shot.py --models dense=smollm2-135m sgpt50=runs/sgpt50 best70=runs/best70 \
+        --ppl dense=20.38
 """
 import argparse
 import copy
@@ -128,6 +129,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--ppl-windows", type=int, default=0,
                    help="also compute WikiText-2 test perplexity on this many 2048-token windows")
+    p.add_argument("--ppl", nargs="*", default=[],
+                   help="known perplexities LABEL=VALUE (e.g. dense=20.38 under P1) for the ordering check")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows for --prune methods")
     p.add_argument("--seqlen", type=int, default=2048, help="calibration window length for --prune")
     p.add_argument("--data-dir", default=make_local_tasks.DEFAULT_DATA)
@@ -141,6 +144,13 @@ def main(argv=None):
     require_harness()
     models = parse_model_specs(args.models)
     prunes = parse_prune_specs(args.prune)
+    known_ppl = {}
+    for spec in args.ppl:
+        label, sep, value = spec.partition("=")
+        try:
+            known_ppl[label] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --ppl {spec!r}: use LABEL=VALUE, e.g. dense=20.38") from None
     default_task = make_local_tasks.task_name("wikitext")
     tasks = args.tasks or default_task
     if default_task in tasks.split(",") and not os.path.isfile(os.path.join(args.task_dir, default_task + ".yaml")):
@@ -164,6 +174,8 @@ def main(argv=None):
             if args.ppl_windows > 0:
                 row["perplexity"] = perplexity_of(model, tokenizer, args)
                 row["ppl"] = row["perplexity"]["ppl"]
+            elif name in known_ppl:
+                row["ppl"] = known_ppl[name]
             elif info is None:
                 row["ppl"] = saved_perplexity(source)
             row["zero_shot"] = evaluate_tasks(model, tokenizer, task_names, limit=args.limit,
