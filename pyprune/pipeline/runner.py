@@ -19,6 +19,7 @@ from pyprune.models.families import (
     decoder_layers, describe_linears, find_layer_list_path, prunable_linears, set_weight_matrix,
     weight_matrix,
 )
+from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
 from pyprune.pipeline.statistics import HessianCollector
 from pyprune.solvers import STATISTICS_FREE, get_solver
@@ -82,6 +83,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     if options.progress_dir:
         fingerprint = dict(options.fingerprint, method=method, solver_options=_jsonable(solver_options),
                            tokens=_tensor_digest(tokens))
+        if hasattr(schedule, "config"):
+            fingerprint["schedule"] = _jsonable(schedule.config())
         progress = ProgressStore(options.progress_dir, fingerprint)
     records, first, inputs, kwargs = [], 0, None, None
     if progress is not None and options.resume:
@@ -91,6 +94,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
             _restore_layers(layers, weights)
             if hasattr(schedule, "restore"):
                 schedule.restore(extra.get("schedule", {}))
+    if needs_stats and getattr(schedule, "needs_prepass", lambda: False)():
+        run_prepass(schedule, model, tokens, options)  # dense statistics of every layer, before any pruning
     if needs_stats:
         fresh, kwargs = capture_layer0_inputs(model, tokens, device, options.batch_size, store_device)
         inputs = fresh if inputs is None else inputs.to(store_device)

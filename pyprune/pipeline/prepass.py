@@ -1,0 +1,102 @@
+"""Dense statistics pre-pass for schedules that allocate before pruning starts (owl, hessian).
+
+The calibration windows run once through the dense decoder layers, one layer at a time on the
+compute device, exactly as in the pruning pass but without any solver: each layer's statistics
+are collected by hooks during the same forward that produces the next layer's inputs, so each
+layer runs once. The schedule receives them through
+``schedule.prepass_observe(layer_index, stats_by_name, weights_by_name)`` and makes its plan in
+``schedule.finish_prepass(seconds)``.
+
+What is collected depends on ``schedule.prepass_statistics``:
+``"hessian"``: each Linear's :class:`LayerStats` (as the pruning pass collects them);
+``"input_norms"``: each Linear's per-input RMS ``sqrt(mean x_j^2)`` (a 1-D tensor), i.e. only the
+diagonal, which is all OWL's Wanda scores need.
+
+Memory: one activation buffer (updated in place, batch by batch) and one layer's statistics at a
+time; the buffer is freed before the pruning pass captures its own.
+"""
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from pyprune.models.capture import capture_layer0_inputs, run_layer
+from pyprune.models.families import decoder_layers, prunable_linears, weight_matrix
+from pyprune.pipeline.statistics import HessianCollector
+
+KINDS = ("hessian", "input_norms")
+
+
+class InputNormCollector:
+    """Context manager: ``stats[name]`` is the per-input RMS of each Linear's inputs."""
+
+    def __init__(self, linears, device):
+        self.linears = dict(linears)
+        self._sums = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64, device=device)
+                      for name, m in self.linears.items()}
+        self._counts = {name: 0 for name in self.linears}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.linears.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def new_batch(self):
+        pass
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            self._sums[name] += x.double().pow(2).sum(0).to(self._sums[name].device)
+            self._counts[name] += x.shape[0]
+        return hook
+
+    @property
+    def stats(self):
+        return {name: (s / max(self._counts[name], 1)).sqrt().float() for name, s in self._sums.items()}
+
+
+@torch.no_grad()
+def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
+    """Run the dense pre-pass for ``schedule``; returns its wall-clock seconds.
+
+    ``options``: the pipeline's ``RunOptions`` (device, activations, batch_size, show_progress).
+    The model is not modified.
+    """
+    kind = getattr(schedule, "prepass_statistics", None)
+    if kind not in KINDS:
+        raise ValueError(f"schedule {getattr(schedule, 'name', schedule)!r} asks for pre-pass statistics "
+                         f"{kind!r}; allowed: {', '.join(KINDS)}")
+    if tokens is None:
+        raise ValueError(f"schedule {schedule.name!r} needs calibration data for its pre-pass")
+    device = torch.device(getattr(options, "device", "cpu"))
+    batch_size = getattr(options, "batch_size", 1)
+    store = device if getattr(options, "activations", "device") == "device" else torch.device("cpu")
+    show = getattr(options, "show_progress", False)
+    t0 = time.time()
+    layers = decoder_layers(model)
+    inputs, kwargs = capture_layer0_inputs(model, tokens, device, batch_size, store)
+    for index in tqdm(range(len(layers)), desc="schedule pre-pass", disable=not show):
+        layer = layers[index].to(device)
+        linears = prunable_linears(layer)
+        collector = (HessianCollector if kind == "hessian" else InputNormCollector)(linears, device)
+        last = index + 1 == len(layers)
+        with collector:
+            for start in range(0, inputs.shape[0], batch_size):
+                collector.new_batch()
+                batch = inputs[start:start + batch_size].to(device)
+                out = run_layer(layer, batch, kwargs[batch.shape[0]])
+                if not last:  # each window depends only on itself, so the buffer is reused in place
+                    inputs[start:start + batch.shape[0]] = out.to(inputs.device)
+        schedule.prepass_observe(index, collector.stats, {name: weight_matrix(m) for name, m in linears})
+        layers[index] = layer.to("cpu")
+    del inputs
+    seconds = time.time() - t0
+    schedule.finish_prepass(seconds)
+    return seconds
