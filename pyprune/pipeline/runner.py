@@ -6,7 +6,10 @@
    Linear's Hessian; let the schedule see the statistics; call the solver on every Linear; run
    the pruned layer again to produce the next layer's inputs; save progress.
 """
+import contextlib
 import hashlib
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -14,11 +17,12 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from pyprune.models.capture import capture_layer0_inputs, run_layer
+from pyprune.models.capture import run_layer
 from pyprune.models.families import (
     decoder_layers, describe_linears, find_layer_list_path, prunable_linears, set_weight_matrix,
     weight_matrix,
 )
+from pyprune.pipeline.activations import ActivationStore, check_storage, estimate_for_run, format_estimate
 from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
 from pyprune.pipeline.statistics import HessianCollector
@@ -29,16 +33,17 @@ from pyprune.solvers.base import LayerStats
 @dataclass
 class RunOptions:
     device: str = "cpu"
-    activations: str = "device"  # where calibration activations live: "device" or "cpu"
+    activations: str = "device"  # where calibration activations live: "device", "cpu" or "disk"
+    activations_dir: Optional[str] = None  # folder of the "disk" activation files (default: system temp)
     batch_size: int = 1
     progress_dir: Optional[str] = None
     resume: bool = False
     show_progress: bool = True
     fingerprint: dict = field(default_factory=dict)  # identifies the run for --resume
+    distributed: Optional[object] = None  # a pipeline.distributed.DistributedPruning: work split over ranks
 
     def __post_init__(self):
-        if self.activations not in ("device", "cpu"):
-            raise ValueError(f"activations={self.activations!r}; allowed: device, cpu")
+        check_storage(self.activations)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
 
@@ -59,10 +64,12 @@ def check_model(model, target):
 
 @torch.no_grad()
 def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, solver_options=None,
-                options: RunOptions = None, post_solve: PostSolve = None) -> dict:
+                options: RunOptions = None, post_solve: PostSolve = None, layer_io=None) -> dict:
     """Prune every Linear of every decoder layer of ``model`` (on CPU, modified in place).
 
     ``tokens``: ``[nsamples, seqlen]`` calibration ids (may be None for statistics-free methods).
+    ``layer_io``: loads and writes out decoder layers of a model streamed from disk
+    (``pipeline.streaming.LayerStreamer``); None for a model held in memory.
     Returns ``{"records": [...], "seconds": float, "resumed_from": int}``.
     """
     options = options or RunOptions()
@@ -74,7 +81,9 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     if needs_stats and tokens is None:
         raise ValueError(f"method {method!r} needs calibration data")
     device = torch.device(options.device)
-    store_device = device if options.activations == "device" else torch.device("cpu")
+    store = ActivationStore(options.activations, device, options.activations_dir)
+    dist = options.distributed
+    local_tokens = dist.shard(tokens) if dist is not None else tokens  # this rank's windows
     layers = decoder_layers(model)
     prefix = find_layer_list_path(model)
     start_time = time.time()
@@ -85,7 +94,11 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
                            tokens=_tensor_digest(tokens))
         if hasattr(schedule, "config"):
             fingerprint["schedule"] = _jsonable(schedule.config())
-        progress = ProgressStore(options.progress_dir, fingerprint)
+        folder = options.progress_dir
+        if dist is not None:  # each rank keeps its own windows' activations
+            fingerprint["world_size"] = dist.world_size
+            folder = os.path.join(folder, f"rank{dist.rank}")
+        progress = ProgressStore(folder, fingerprint)
     records, first, inputs, kwargs = [], 0, None, None
     if progress is not None and options.resume:
         saved = progress.load()
@@ -95,51 +108,81 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
             if hasattr(schedule, "restore"):
                 schedule.restore(extra.get("schedule", {}))
     if needs_stats and getattr(schedule, "needs_prepass", lambda: False)():
+        if layer_io is not None:
+            raise NotImplementedError(f"schedule {getattr(schedule, 'name', schedule)!r} needs a dense pre-pass, "
+                                      "which streamed runs do not support yet")
+        # Distributed: every rank runs the pre-pass on all windows, so all make the same plan.
         run_prepass(schedule, model, tokens, options)  # dense statistics of every layer, before any pruning
+    activations = None
     if needs_stats:
-        fresh, kwargs = capture_layer0_inputs(model, tokens, device, options.batch_size, store_device)
-        inputs = fresh if inputs is None else inputs.to(store_device)
+        estimate, shape, dtype = estimate_for_run(model, local_tokens, options.batch_size)
+        activations = dict(store.describe(), estimate=estimate)
+        if options.show_progress and (dist is None or dist.is_main):
+            tqdm.write(format_estimate(estimate, options.activations, device, shape, dtype), file=sys.stderr)
+        with layer_io.capturing() if layer_io is not None else contextlib.nullcontext():
+            fresh, kwargs = store.capture(model, local_tokens, options.batch_size)
+        inputs = fresh if inputs is None else store.adopt(inputs)
 
     bar = tqdm(range(first, len(layers)), desc="layers", disable=not options.show_progress)
     for index in bar:
-        layer = layers[index].to(device)
+        layer = (layer_io.load_layer(index) if layer_io is not None else layers[index]).to(device)
         linears = prunable_linears(layer)
         stats = {name: None for name, _ in linears}
         if needs_stats:
-            stats = _collect_statistics(layer, linears, inputs, kwargs, options.batch_size, device)
+            stats = _collect_statistics(layer, linears, inputs, kwargs, options.batch_size, device, store)
+            if dist is not None:
+                dist.reduce_statistics(stats)  # every rank now holds the statistics of all windows
         schedule.observe(index, stats, {name: weight_matrix(m) for name, m in linears})
+        owners = dist.assign(linears) if dist is not None else None
+        solved = {}
         for name, module in linears:
+            if owners is not None and owners[name] != dist.rank:
+                stats[name] = None  # solved by another rank
+                continue
             full_name = f"{prefix}.{index}.{name}"
             bar.set_postfix_str(name)
             pattern = schedule.pattern_for(index, name)
-            records.append(_solve_one(full_name, module, solve, stats[name], pattern, solver_options,
-                                      post_solve))
+            solved[name] = _solve_one(full_name, module, solve, stats[name], pattern, solver_options, post_solve)
             stats[name] = None  # free the Hessian as soon as it is used
+        layer_records = list(solved.values())
+        if dist is not None:
+            layer_records = dist.share_solved(linears, owners, solved, post_solve, name_prefix=f"{prefix}.{index}.")
+        records.extend(layer_records)
         if needs_stats and index + 1 < len(layers):
-            inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device)
-        layers[index] = layer.to("cpu")
+            inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device, store)
+        if layer_io is not None:
+            layer_io.store_layer(index, layer)  # written out, memory released
+        else:
+            layers[index] = layer.to("cpu")
         if progress is not None:
-            weights = {f"{name}": weight_matrix(m).contiguous() for name, m in linears}
+            weights = {} if layer_io is not None else {f"{name}": weight_matrix(m).contiguous() for name, m in linears}
             extra = {"schedule": schedule.state()} if hasattr(schedule, "state") else {}
             empty = torch.empty(0)
             progress.save_layer(index, weights, records, inputs if inputs is not None else empty, extra)
-    return {"records": records, "seconds": time.time() - start_time, "resumed_from": first}
+            store.release(inputs)
+    store.close()
+    result = {"records": records, "seconds": time.time() - start_time, "resumed_from": first}
+    if activations is not None:
+        result["activations"] = activations
+    if dist is not None:
+        result["distributed"] = dist.describe()
+    return result
 
 
-def _collect_statistics(layer, linears, inputs, kwargs, batch_size, device):
+def _collect_statistics(layer, linears, inputs, kwargs, batch_size, device, store):
     with HessianCollector(linears, device) as collector:
         for start in range(0, inputs.shape[0], batch_size):
             collector.new_batch()
-            batch = inputs[start:start + batch_size].to(device)
+            batch = store.batch(inputs, start, batch_size, device)
             run_layer(layer, batch, kwargs[batch.shape[0]])
     return collector.stats
 
 
-def _forward_all(layer, inputs, kwargs, batch_size, device):
-    outputs = torch.empty_like(inputs)
+def _forward_all(layer, inputs, kwargs, batch_size, device, store):
+    outputs = store.empty_like(inputs)
     for start in range(0, inputs.shape[0], batch_size):
-        batch = inputs[start:start + batch_size].to(device)
-        outputs[start:start + batch.shape[0]] = run_layer(layer, batch, kwargs[batch.shape[0]]).to(outputs.device)
+        batch = store.batch(inputs, start, batch_size, device)
+        store.put(outputs, start, run_layer(layer, batch, kwargs[batch.shape[0]]))
     return outputs
 
 
