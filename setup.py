@@ -118,6 +118,7 @@ setup(
         "plot": ["matplotlib"],
         "triton": ["triton>=3.6"],
         "online": ["datasets"],
+        "eval": ["lm-eval==0.4.13"],
     },
     entry_points={"console_scripts": ["pyprune=pyprune.cli:main"]},
     ext_modules=ext_modules,

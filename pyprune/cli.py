@@ -1,4 +1,4 @@
-"""Command line: ``pyprune prune`` and ``pyprune eval``."""
+"""Command line: ``pyprune prune``, ``pyprune eval`` and ``pyprune compress``."""
 import argparse
 import json
 import os
@@ -8,6 +8,7 @@ import time
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "none")
 
 
 def _add_model_args(p):
@@ -16,55 +17,106 @@ def _add_model_args(p):
                    help="model dtype (auto: float16 on GPU, float32 on CPU)")
     p.add_argument("--data-dir", default=None,
                    help="local data folder (c4/*.jsonl, wikitext-2-raw-v1/*.jsonl); default: Hugging Face datasets")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_eval_args(p, default_windows):
     p.add_argument("--eval-windows", "--max-windows", dest="eval_windows", type=int, default=default_windows,
                    help="WikiText-2 test windows to evaluate (-1 = all, 0 = skip)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per evaluation window")
+    g = p.add_argument_group("zero-shot tasks (lm-evaluation-harness, pip install 'pyprune[eval]')")
+    g.add_argument("--tasks", default=None, help="comma-separated harness tasks, e.g. boolq,rte,hellaswag")
+    g.add_argument("--task-dir", action="append", default=[], help="folder of local task YAMLs (repeatable)")
+    g.add_argument("--limit", type=int, default=None, help="at most N items per task")
+    g.add_argument("--eval-batch-size", type=int, default=1, help="harness batch size")
+    g.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per item")
+
+
+def _add_calibration_args(p):
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", default=None,
+                   help="c4, wikitext2, self (text sampled from the dense model) or a calibration file "
+                        "(default: c4 with --data-dir, else self)")
+    g.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    g.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    g.add_argument("--seed", type=int, default=0, help="seed of window offsets / self-generated text")
+    g.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
+    g.add_argument("--save-calib", default=None, help="write the calibration tokens to this file")
+    g.add_argument("--calib-temperature", type=float, default=None, help="self-calibration temperature (1.0)")
+    g.add_argument("--calib-top-p", type=float, default=None, help="self-calibration nucleus top-p (0.95)")
+    g.add_argument("--calib-batch-size", type=int, default=None, help="self-calibration sequences per batch (8)")
+
+
+def _add_solver_args(p):
+    g = p.add_argument_group("solvers")
+    g.add_argument("--damp", type=float, default=0.01, help="sparsegpt/gptq dampening, fraction of mean diag(H)")
+    g.add_argument("--blocksize", type=int, default=128, help="sparsegpt/gptq column block size")
+    g.add_argument("--admm-iters", type=int, default=20, help="ADMM iterations")
+    g.add_argument("--admm-mask-steps", type=int, default=15, help="iterations during which the mask is re-selected")
+    g.add_argument("--admm-rho", type=float, default=1.0, help="ADMM penalty")
+    g.add_argument("--admm-damp", type=float, default=0.1, help="ADMM dampening, fraction of mean diag")
+    g.add_argument("--mask", default="gradual", choices=["gradual", "wanda", "magnitude"],
+                   help="ADMM mask: gradual (ADMM-Grad) or fixed from wanda/magnitude (ADMM1)")
+    g.add_argument("--admm-reselect", default="schedule", choices=["schedule", "final"],
+                   help="gradual unstructured masks: follow the cubic schedule or re-select at the final sparsity")
+    g.add_argument("--admm-per-row", action="store_true", help="gradual unstructured mask chosen per output row")
+    g.add_argument("--final-solve", dest="final_solve", action="store_true", default=True,
+                   help="finish ADMM with the exact solve on the final mask (default)")
+    g.add_argument("--no-final-solve", dest="final_solve", action="store_false")
+
+
+def _add_quant_args(p):
+    g = p.add_argument_group("quantization")
+    g.add_argument("--wbits", type=int, default=16, choices=[4, 16], help="4: INT4 weights; 16: no quantization")
+    g.add_argument("--groupsize", type=int, default=128, help="INT4 columns per scale (32, 64, 128, 256; -1 per channel)")
+    g.add_argument("--act-order", action="store_true", help="GPTQ in decreasing Hessian-diagonal order (static groups)")
+    g.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"], help="INT4 quantizer")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="pyprune", description="Prune and quantize causal LMs after training.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model (and evaluate / save it)")
+    p = sub.add_parser("prune", help="prune (and/or quantize) a model, then evaluate / save it")
     p.add_argument("model", help="Hugging Face id, local folder, .gguf file, or built-in name (smollm2-135m)")
-    p.add_argument("--method", default="sparsegpt", help="magnitude, wanda, sparsegpt")
-    target = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--method", default="sparsegpt", choices=METHODS,
+                   help="pruning solver; none = quantization only (with --wbits 4)")
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
     target.add_argument("--pattern", help="N:M semi-structured pattern, keep N of every M (2:4, 4:8)")
-    p.add_argument("--calib", default="c4", choices=["c4", "wikitext2"], help="calibration text")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
-    p.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
     p.add_argument("--activations", default="device", choices=["device", "cpu"],
                    help="keep calibration activations on the compute device or offload them to CPU")
-    p.add_argument("--damp", type=float, default=0.01, help="sparsegpt dampening, fraction of mean diag(H)")
-    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt column block size")
     p.add_argument("--save", default=None, help="folder to save the pruned model (Hugging Face format)")
     p.add_argument("--report", default=None, help="JSON report path (default: SAVE/pyprune_report.json)")
     p.add_argument("--progress-dir", default=None,
                    help="folder for per-layer progress (default: SAVE.progress when --save is given)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its progress folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_calibration_args(p)
+    _add_solver_args(p)
+    _add_quant_args(p)
     _add_model_args(p)
     _add_eval_args(p, default_windows=0)
 
-    e = sub.add_parser("eval", help="perplexity of a model or of a saved pruned model")
+    e = sub.add_parser("eval", help="perplexity of a model, a saved pruned model or a compressed checkpoint")
     e.add_argument("model")
     e.add_argument("--report", default=None, help="JSON report path")
-    e.add_argument("--quiet", action="store_true")
     _add_model_args(e)
     _add_eval_args(e, default_windows=-1)
+
+    c = sub.add_parser("compress", help="pack a saved pruned/quantized model into a compressed checkpoint")
+    c.add_argument("model", help="folder written by `pyprune prune --save`")
+    c.add_argument("--format", required=True, choices=["2:4", "int4", "2:4-int4"])
+    c.add_argument("--groupsize", type=int, default=128,
+                   help="INT4 group size for layers without saved INT4 codes (round-to-nearest)")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--strict", action="store_true", help="fail instead of skipping a Linear that does not fit")
     return parser
 
 
 def _device_and_dtype(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device} requested but no CUDA GPU is available")
+        raise ValueError(f"--device {device} requested but no CUDA GPU is available")
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     return device, dtype
 
@@ -82,26 +134,175 @@ def _evaluate(model, tokenizer, args, device):
         model.to("cpu")
 
 
-def cmd_prune(args):
+def _check_tasks(args):
+    """Fail before any model work when the harness is missing or a task is unknown."""
+    if args.tasks:
+        from pyprune.eval.harness import resolve_tasks
+
+        resolve_tasks(args.tasks, args.task_dir)
+
+
+def _zero_shot(model, tokenizer, args, device, report):
+    """Run the harness tasks on the in-memory model; results go into ``report``."""
+    if not args.tasks:
+        return
+    from pyprune.eval.harness import evaluate_tasks, format_table
+
+    model.to(device)
+    try:
+        result = evaluate_tasks(model, tokenizer, args.tasks, limit=args.limit, batch_size=args.eval_batch_size,
+                                task_dirs=args.task_dir, num_fewshot=args.num_fewshot)
+    finally:
+        model.to("cpu")
+    report["zero_shot"] = result
+    report.setdefault("totals", {})["mean_acc"] = result.get("mean_acc")
+    print(format_table(result), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- prune
+
+def _target(args):
+    from pyprune.solvers import SparsityPattern
+
+    if args.method == "none":
+        if args.sparsity or args.pattern:
+            raise ValueError("--method none keeps every weight; drop --sparsity/--pattern or pick a pruning method")
+        if args.wbits != 4:
+            raise ValueError("--method none does nothing without --wbits 4 (quantization only)")
+        return SparsityPattern(sparsity=0.0)
+    if args.pattern:
+        return SparsityPattern.parse(args.pattern)
+    if args.sparsity is None:
+        raise ValueError(f"--method {args.method} needs --sparsity S or --pattern N:M")
+    return SparsityPattern(sparsity=args.sparsity)
+
+
+def _calibration_source(args):
+    source = args.calib or ("c4" if args.data_dir else "self")
+    if source in ("c4", "wikitext2", "self"):
+        return source
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"--calib {source!r} is neither c4, wikitext2, self nor an existing calibration file")
+    return source
+
+
+def _check_inputs_before_loading(args, target, needs_calibration, calib):
+    """Everything checkable without the model's weights, so bad input fails in seconds."""
+    from pyprune.data.calibration import check_window_args
+    from pyprune.data.text import local_files
+
+    if needs_calibration:
+        check_window_args(args.nsamples, args.seqlen)
+        if calib == "self":
+            from pyprune.data.self_calibration import check_generation_args
+
+            check_generation_args(args.nsamples, args.seqlen, args.seed, *_self_calib_options(args))
+        elif calib in ("c4", "wikitext2") and args.data_dir is not None:
+            local_files(calib, "validation", args.data_dir)
+        elif calib not in ("c4", "wikitext2"):
+            from pyprune.data.calibration_file import load_calibration
+
+            load_calibration(calib, nsamples=args.nsamples, seqlen=args.seqlen)
+    if args.eval_windows != 0 and args.data_dir is not None:
+        local_files("wikitext2", "test", args.data_dir)
+    _check_tasks(args)
+    if args.wbits == 4 and args.act_order and args.quant_method != "gptq":
+        raise ValueError("--act-order is a GPTQ option; it cannot be used with --quant-method rtn")
+
+
+def _self_calib_options(args):
+    from pyprune.data import self_calibration as sc
+
+    return (sc.DEFAULT_TEMPERATURE if args.calib_temperature is None else args.calib_temperature,
+            sc.DEFAULT_TOP_P if args.calib_top_p is None else args.calib_top_p,
+            sc.DEFAULT_BATCH_SIZE if args.calib_batch_size is None else args.calib_batch_size)
+
+
+def _calibration_tokens(args, calib, model, tokenizer, device, progress_dir):
+    """``(tokens [nsamples, seqlen], description for the report)``."""
     from pyprune.data import calibration_tokens
-    from pyprune.models import describe_linears, load_config, load_model
+    from pyprune.data.calibration_file import load_calibration, save_calibration
+
+    if calib in ("c4", "wikitext2"):
+        tokens = calibration_tokens(tokenizer, calib, args.nsamples, args.seqlen, args.seed, args.data_dir)
+        info = {"source": calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                "data_dir": args.data_dir or "huggingface datasets"}
+    elif calib == "self":
+        saved = os.path.join(progress_dir, "calibration.safetensors") if progress_dir else None
+        if saved and args.resume and os.path.isfile(saved):  # a resumed run reuses its own text
+            tokens, info = load_calibration(saved, nsamples=args.nsamples, seqlen=args.seqlen)
+        else:
+            from pyprune.data.self_calibration import generate_calibration
+
+            temperature, top_p, batch = _self_calib_options(args)
+            tokens, info = generate_calibration(model, tokenizer, args.nsamples, args.seqlen, seed=args.seed,
+                                                temperature=temperature, top_p=top_p, batch_size=batch,
+                                                device=device, progress=not args.quiet)
+            if saved:
+                save_calibration(saved, tokens, info)
+    else:
+        tokens, info = load_calibration(calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                                        vocab_size=model.config.vocab_size)
+        info = dict(info, file=os.path.abspath(calib))
+    if args.save_calib:
+        from pyprune.data.calibration_file import save_calibration
+
+        save_calibration(args.save_calib, tokens, info)
+    return tokens, info
+
+
+def _solver_and_options(args, target):
+    """The solver (name or function), its options and the post-solve quantizer (or None)."""
+    from pyprune.solvers.quantize import LayerQuantizer, no_pruning, sparsegpt_int4_solver
+
+    method = args.method
+    options = {}
+    if method == "sparsegpt":
+        options = {"damp": args.damp, "blocksize": args.blocksize}
+    elif method == "admm":
+        options = {"iters": args.admm_iters, "mask_steps": args.admm_mask_steps, "rho": args.admm_rho,
+                   "damp": args.admm_damp, "mask": args.mask, "final_solve": args.final_solve,
+                   "per_row": args.admm_per_row, "reselect": args.admm_reselect}
+    quantizer = None
+    if args.wbits == 4:
+        quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
+                                   **({"damp": args.damp, "blocksize": args.blocksize}
+                                      if args.quant_method == "gptq" else {}))
+        if method == "none":
+            method = no_pruning
+        elif method == "sparsegpt" and args.quant_method == "gptq" and not args.act_order:
+            method = sparsegpt_int4_solver(args.groupsize)  # prune and quantize in one sweep
+    return method, options, quantizer
+
+
+def _check_model_fits(model, target, args):
+    from pyprune.models import describe_linears
+    from pyprune.ops import int4_grid
+
+    for info in describe_linears(model):
+        target.check_width(info.in_features, info.name)
+        if args.wbits == 4:
+            try:
+                int4_grid.check_groupsize(args.groupsize, info.in_features)
+            except ValueError as exc:
+                raise ValueError(f"{info.name}: {exc}") from None
+
+
+def cmd_prune(args):
+    from pyprune.models import load_config, load_model
     from pyprune.models.families import LAYER_PATHS
     from pyprune.pipeline import RunOptions, prune_model
     from pyprune.pipeline.report import totals, versions, write_report
     from pyprune.schedule import UniformSchedule
-    from pyprune.solvers import STATISTICS_FREE, SparsityPattern, get_solver
+    from pyprune.solvers import STATISTICS_FREE
 
-    # Everything that can be checked without loading weights is checked first.
-    target = SparsityPattern.parse(args.pattern) if args.pattern else SparsityPattern(sparsity=args.sparsity)
-    get_solver(args.method)
-    if args.eval_windows != 0 or args.method not in STATISTICS_FREE:
-        from pyprune.data.text import local_files
-
-        if args.data_dir is not None:
-            if args.method not in STATISTICS_FREE:
-                local_files(args.calib, "validation", args.data_dir)
-            if args.eval_windows != 0:
-                local_files("wikitext2", "test", args.data_dir)
+    target = _target(args)
+    needs_calibration = args.method not in STATISTICS_FREE or (args.wbits == 4 and args.quant_method == "gptq")
+    calib = _calibration_source(args) if needs_calibration else None
+    _check_inputs_before_loading(args, target, needs_calibration, calib)
+    if args.resume and args.wbits == 4:
+        raise ValueError("--resume is not supported together with --wbits 4 (the INT4 codes of layers "
+                         "pruned before the restart are not kept in the progress folder)")
     config = load_config(args.model)
     if getattr(config, "model_type", None) not in LAYER_PATHS:
         print(f"note: model family {config.model_type!r} has no explicit adapter; using the generic one",
@@ -109,42 +310,54 @@ def cmd_prune(args):
     device, dtype = _device_and_dtype(args)
     progress_dir = args.progress_dir or (args.save + ".progress" if args.save else None)
     if args.resume and not progress_dir:
-        raise SystemExit("error: --resume needs --progress-dir (or --save, whose progress folder is SAVE.progress)")
-    options = RunOptions(device=device, activations=args.activations, batch_size=args.batch_size,
-                         progress_dir=progress_dir, resume=args.resume, show_progress=not args.quiet,
-                         fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype)})
+        raise ValueError("--resume needs --progress-dir (or --save, whose progress folder is SAVE.progress)")
 
     t0 = time.time()
     model, tokenizer = load_model(args.model, dtype)
-    for info in describe_linears(model):
-        target.check_width(info.in_features, info.name)
+    _check_model_fits(model, target, args)
     load_seconds = time.time() - t0
-    tokens = None
-    if args.method not in STATISTICS_FREE:
-        tokens = calibration_tokens(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, args.data_dir)
+    method, solver_options, quantizer = _solver_and_options(args, target)
+    tokens, calib_info = None, None
+    if needs_calibration:
+        tokens, calib_info = _calibration_tokens(args, calib, model, tokenizer, device, progress_dir)
     schedule = UniformSchedule(target)
-    solver_options = {"damp": args.damp, "blocksize": args.blocksize} if args.method == "sparsegpt" else {}
-    run = prune_model(model, tokens, args.method, schedule, solver_options, options)
+    options = RunOptions(device=device, activations=args.activations, batch_size=args.batch_size,
+                         progress_dir=progress_dir, resume=args.resume, show_progress=not args.quiet,
+                         fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
+                                      "wbits": args.wbits, "groupsize": args.groupsize})
+    run = prune_model(model, tokens, method, schedule, solver_options, options, post_solve=quantizer)
 
     report = {
         "command": "prune",
         "model": args.model,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "schedule": schedule.describe(),
-        "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen,
-                        "seed": args.seed, "data_dir": args.data_dir} if tokens is not None else None,
+        "calibration": calib_info,
         "linears": run["records"],
         "totals": dict(totals(run["records"]), pruning_seconds=run["seconds"], load_seconds=load_seconds,
                        resumed_from_layer=run["resumed_from"]),
         "versions": versions(),
     }
+    if calib_info and "seconds" in calib_info:
+        report["totals"]["calibration_seconds"] = calib_info["seconds"]
+    if quantizer is not None:
+        cost = quantizer.storage()
+        report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
+                                  "act_order": args.act_order, "bits_per_weight": cost.bits_per_weight,
+                                  "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
+        if quantizer is not None:
+            from pyprune.formats.quant_state import save_quant_state
+
+            save_quant_state(args.save, quantizer.results, metadata={"groupsize": args.groupsize,
+                                                                      "method": args.quant_method})
     if args.eval_windows != 0:
         result = _evaluate(model, tokenizer, args, device)
         report["eval"] = result
         report["totals"].update(ppl=result["ppl"], eval_seconds=result["seconds"])
+    _zero_shot(model, tokenizer, args, device, report)
     report_path = args.report or (os.path.join(args.save, "pyprune_report.json") if args.save else None)
     if report_path:
         write_report(report_path, report)
@@ -152,8 +365,44 @@ def cmd_prune(args):
     return report
 
 
-def cmd_eval(args):
+def _print_summary(report):
+    t = report["totals"]
+    line = {"achieved_sparsity": round(t["achieved_sparsity"], 4), "pruning_seconds": round(t["pruning_seconds"], 1)}
+    if "quantization" in report:
+        line["bits_per_weight"] = round(report["quantization"]["bits_per_weight"], 3)
+    if "ppl" in t:
+        line["ppl"] = round(t["ppl"], 4)
+    print(json.dumps(line))
+
+
+# ----------------------------------------------------------------------------------------- eval
+
+def load_for_eval(path, dtype, device):
+    """``(model, tokenizer, kind)`` for a model name/folder, a pruned folder (with its INT4 sidecar
+    applied, if any) or a compressed checkpoint."""
+    from pyprune.checkpoint import is_compressed_checkpoint, load, load_tokenizer
+
+    if os.path.isdir(path) and is_compressed_checkpoint(path):
+        model = load(path, dtype=dtype if str(device).startswith("cpu") else None)
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise ValueError(f"compressed checkpoint {path} holds no tokenizer files")
+        if str(device).startswith("cpu"):
+            from pyprune.nn import cache_reference_weights
+
+            cache_reference_weights(model)
+        return model, tokenizer, "compressed"
+    from pyprune.formats.quant_state import SIDECAR_NAME, apply_quant_state, load_quant_state
     from pyprune.models import load_model
+
+    model, tokenizer = load_model(path, dtype)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, SIDECAR_NAME)):
+        apply_quant_state(model, load_quant_state(path))
+        return model, tokenizer, "int4-sidecar"
+    return model, tokenizer, "dense"
+
+
+def cmd_eval(args):
     from pyprune.pipeline.report import versions, write_report
 
     device, dtype = _device_and_dtype(args)
@@ -161,33 +410,53 @@ def cmd_eval(args):
         from pyprune.data.text import local_files
 
         local_files("wikitext2", "test", args.data_dir)
-    model, tokenizer = load_model(args.model, dtype)
-    result = _evaluate(model, tokenizer, args, device)
-    report = {"command": "eval", "model": args.model, "eval": result,
+    _check_tasks(args)
+    model, tokenizer, kind = load_for_eval(args.model, dtype, device)
+    report = {"command": "eval", "model": args.model, "model_kind": kind,
               "config": {k: v for k, v in vars(args).items() if k != "func"}, "versions": versions()}
+    line = {}
+    if args.eval_windows != 0:
+        result = _evaluate(model, tokenizer, args, device)
+        report["eval"] = result
+        line = {"ppl": round(result["ppl"], 4), "windows": result["windows"], "seconds": round(result["seconds"], 1)}
+    _zero_shot(model, tokenizer, args, device, report)
+    if "zero_shot" in report:
+        line["mean_acc"] = report["zero_shot"].get("mean_acc")
     if args.report:
         write_report(args.report, report)
-    print(json.dumps({"ppl": round(result["ppl"], 4), "windows": result["windows"],
-                      "seconds": round(result["seconds"], 1)}))
+    print(json.dumps(line))
     return report
 
 
-def _print_summary(report):
-    t = report["totals"]
-    line = {"achieved_sparsity": round(t["achieved_sparsity"], 4), "pruning_seconds": round(t["pruning_seconds"], 1)}
-    if "ppl" in t:
-        line["ppl"] = round(t["ppl"], 4)
-    print(json.dumps(line))
+# ------------------------------------------------------------------------------------- compress
+
+def cmd_compress(args):
+    from pyprune.checkpoint import save_compressed
+    from pyprune.compress import compress
+    from pyprune.formats.quant_state import SIDECAR_NAME, load_quant_state
+    from pyprune.models import load_model
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"saved model folder not found: {args.model}")
+    states = None
+    if os.path.isfile(os.path.join(args.model, SIDECAR_NAME)):
+        states = load_quant_state(args.model)
+    model, tokenizer = load_model(args.model, torch.float16)
+    report = compress(model, args.format, groupsize=args.groupsize, quant_state=states, strict=args.strict)
+    size = save_compressed(model, args.out, tokenizer=tokenizer, report=report)
+    print(report, file=sys.stderr)
+    totals = report.totals()
+    print(json.dumps({"format": args.format, "packed": totals["compressed"], "linears": totals["linears"],
+                      "on_disk_bytes": size["on_disk_bytes"], "ratio_vs_fp16": round(size["ratio_vs_fp16"], 4)}))
+    return report.to_dict(), size
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "compress": cmd_compress}
     try:
-        if args.command == "prune":
-            cmd_prune(args)
-        elif args.command == "eval":
-            cmd_eval(args)
-    except (ValueError, FileNotFoundError) as exc:
+        commands[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -74,7 +74,9 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     """
     options = options or RunOptions()
     solver_options = solver_options or {}
-    solve = get_solver(method)
+    # ``method`` is a registered solver name or a solver function (e.g. the joint INT4 sweep).
+    solve = get_solver(method) if isinstance(method, str) else method
+    method = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     check_model(model, schedule.target)
     needs_stats = method not in STATISTICS_FREE or getattr(schedule, "needs_statistics", False) or \
         (post_solve is not None and getattr(post_solve, "needs_statistics", True))

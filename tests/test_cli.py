@@ -1,0 +1,148 @@
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pyprune.cli import main
+
+
+def prune_args(model_dir, data, *extra):
+    return ["prune", model_dir, "--data-dir", data, "--nsamples", "4", "--seqlen", "32", "--seed", "0",
+            "--device", "cpu", "--quiet", *extra]
+
+
+def test_prune_save_report_and_reload(tiny_saved_model, tmp_path, capsys):
+    model_dir, data = tiny_saved_model
+    out = tmp_path / "pruned"
+    code = main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.5",
+                           "--eval-windows", "3", "--eval-seqlen", "32", "--save", str(out)))
+    assert code == 0
+    report = json.loads((out / "pyprune_report.json").read_text())
+    assert report["totals"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert report["totals"]["ppl"] > 1 and report["eval"]["windows"] == 3
+    assert {"name", "shape", "target", "achieved_sparsity", "loss", "seconds"} <= set(report["linears"][0])
+    assert len(report["linears"]) == 14 and report["versions"]["torch"] == torch.__version__
+    # the saved folder is a normal Hugging Face checkpoint holding zeros ...
+    model = AutoModelForCausalLM.from_pretrained(out)
+    W = model.model.layers[1].mlp.down_proj.weight
+    assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    # ... and `pyprune eval` gives the same perplexity
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data-dir", data, "--max-windows", "3", "--eval-seqlen", "32",
+                 "--device", "cpu", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["ppl"] == pytest.approx(report["totals"]["ppl"], rel=1e-4)
+
+
+def test_nm_pattern_and_explicit_report_path(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    path = tmp_path / "r.json"
+    assert main(prune_args(model_dir, data, "--method", "wanda", "--pattern", "2:4", "--report", str(path))) == 0
+    report = json.loads(path.read_text())
+    assert all(r["target"] == "2:4" for r in report["linears"])
+    assert report["totals"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.2"], "1.2"),
+    (["--pattern", "2:3"], "multiple of 3"),
+    (["--pattern", "4:2"], "4:2"),
+    (["--sparsity", "0.5", "--method", "obs-magic"], "obs-magic"),
+])
+def test_bad_input_is_refused_with_a_clear_error(tiny_saved_model, capsys, extra, message):
+    model_dir, data = tiny_saved_model
+    args = prune_args(model_dir, data, *extra)
+    if "--method" not in extra:
+        args += ["--method", "sparsegpt"]
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse refuses unknown choices itself
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_files_name_the_path(tiny_saved_model, tmp_path, capsys):
+    model_dir, _ = tiny_saved_model
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    assert main(prune_args(model_dir, str(empty), "--sparsity", "0.5")) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "expected layout" in err
+
+
+def test_missing_model_folder_is_named(tmp_path, capsys, data_dir):
+    missing = str(tmp_path / "no" / "model")
+    assert main(["prune", missing, "--sparsity", "0.5", "--data-dir", data_dir]) == 2
+    assert missing in capsys.readouterr().err
+
+
+def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp_path, capsys):
+    from pyprune.formats.quant_state import load_quant_state
+
+    model_dir, data = tiny_saved_model
+    out = tmp_path / "q"
+    assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4",
+                           "--groupsize", "32", "--save", str(out))) == 0
+    report = json.loads((out / "pyprune_report.json").read_text())
+    assert report["quantization"]["bits_per_weight"] < 4
+    states = load_quant_state(str(out))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    W = model.model.layers[0].self_attn.q_proj.weight
+    state = states["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(state.dequantize(), W)  # saved weights are exactly scale * integer
+    assert torch.equal(state.pruned, W == 0) or bool((state.pruned <= (W == 0)).all())
+
+
+def test_quantization_only_and_compressed_checkpoint(tiny_saved_model, tmp_path, capsys):
+    model_dir, data = tiny_saved_model
+    out, packed = tmp_path / "q", tmp_path / "packed"
+    assert main(prune_args(model_dir, data, "--method", "none", "--wbits", "4", "--groupsize", "32",
+                           "--save", str(out))) == 0
+    assert main(["compress", str(out), "--format", "int4", "--out", str(packed)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["packed"] == line["linears"] == 14
+    capsys.readouterr()
+    evals = []
+    for path in (out, packed):
+        assert main(["eval", str(path), "--data-dir", data, "--max-windows", "2", "--eval-seqlen", "32",
+                     "--device", "cpu", "--quiet"]) == 0
+        evals.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ppl"])
+    assert evals[1] == pytest.approx(evals[0], rel=2e-3)  # fp16 rounding of the dense parts only
+
+
+def test_admm_from_the_command_line(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    path = tmp_path / "r.json"
+    assert main(prune_args(model_dir, data, "--method", "admm", "--sparsity", "0.6", "--admm-iters", "6",
+                           "--admm-mask-steps", "4", "--report", str(path))) == 0
+    report = json.loads(path.read_text())
+    assert report["totals"]["achieved_sparsity"] == pytest.approx(0.6, abs=2e-3)
+    assert report["config"]["admm_iters"] == 6 and report["linears"][0]["iterations"] == 6
+
+
+def test_groupsize_not_dividing_a_width_is_refused(tiny_saved_model, capsys):
+    model_dir, data = tiny_saved_model
+    assert main(prune_args(model_dir, data, "--method", "none", "--wbits", "4", "--groupsize", "256")) == 2
+    assert "groupsize=256" in capsys.readouterr().err
+
+
+def test_eval_runs_harness_tasks_on_the_loaded_model(tiny_saved_model, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from tests.test_harness import TASK, write_task
+
+    model_dir, data = tiny_saved_model
+    write_task(str(tmp_path), n_items=8)
+    report_path = tmp_path / "r.json"
+    assert main(["eval", model_dir, "--data-dir", data, "--max-windows", "1", "--eval-seqlen", "32",
+                 "--device", "cpu", "--quiet", "--tasks", TASK, "--task-dir", str(tmp_path),
+                 "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    acc = report["zero_shot"]["tasks"][TASK]["acc"]
+    assert 0.0 <= acc <= 1.0 and report["zero_shot"]["tasks"][TASK]["n"] == 8
+    assert report["zero_shot"]["mean_acc"] == acc and report["eval"]["windows"] == 1
+    assert main(["eval", model_dir, "--data-dir", data, "--device", "cpu", "--quiet",
+                 "--tasks", "no_such_task_xyz", "--task-dir", str(tmp_path)]) == 2
+    assert "no_such_task_xyz" in capsys.readouterr().err
