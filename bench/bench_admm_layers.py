@@ -180,7 +180,7 @@ def admm_pair(**options):
         t0 = time.perf_counter()
         res = admm.solve(W, stats, pattern, final_solve=False, **options)
         t1 = time.perf_counter()
-        W_fs, _ = admm.exact_solve(W, stats, res.pruned, damp=options.get("damp", 0.1))
+        W_fs, _ = admm.exact_solve(W, stats, res.pruned, damp=options.get("damp", 0.1), method="cg", start=res.weight)
         t2 = time.perf_counter()
         return [(res.weight, res.pruned, t1 - t0), (W_fs, res.pruned, t2 - t0)]
     return run
@@ -202,6 +202,7 @@ METHODS = [  # (names of the results, runner)
     (["grad-final", "grad-final+fs"], admm_pair(mask="gradual", reselect="final")),
     (["grad-row", "grad-row+fs"], admm_pair(mask="gradual", reselect="schedule", per_row=True)),
 ]
+UNSTRUCTURED_ONLY = {"grad-row", "grad-row+fs"}  # per_row means nothing for N:M
 
 
 def check_pattern(pruned, pattern):
@@ -222,6 +223,8 @@ def run(layers, patterns, methods):
         for p in patterns:
             pattern = SparsityPattern.parse(p)
             for group, runner in methods:
+                if pattern.is_nm and group[0] in UNSTRUCTURED_ONLY:
+                    continue
                 for name, (W_new, pruned, seconds) in zip(group, runner(W, stats, pattern)):
                     check_pattern(pruned, pattern)
                     cell = table[p][name]
@@ -230,7 +233,7 @@ def run(layers, patterns, methods):
                     cell["seconds"] += seconds
         print(f"  {entry['name']} done", file=sys.stderr)
     summary = {p: {n: {"cal": sum(c["cal"]) / len(c["cal"]), "eval": sum(c["eval"]) / len(c["eval"]),
-                       "seconds": c["seconds"]} for n, c in row.items()} for p, row in table.items()}
+                       "seconds": c["seconds"]} for n, c in row.items() if c["cal"]} for p, row in table.items()}
     return summary, names
 
 
@@ -248,7 +251,8 @@ def markdown(summary, names, patterns, meta):
                   "|---" * (len(patterns) + 1) + "|"]
         for n in names:
             fmt = "{:.2f}" if key == "seconds" else "{:.4f}"
-            lines.append(f"| {n} | " + " | ".join(fmt.format(summary[p][n][key]) for p in patterns) + " |")
+            cells = (fmt.format(summary[p][n][key]) if n in summary[p] else "–" for p in patterns)
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -261,7 +265,8 @@ def main():
     ap.add_argument("--ncal", type=int, default=16, help="calibration windows")
     ap.add_argument("--neval", type=int, default=8, help="held-out windows")
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: leave as is); 1 keeps timings stable on a shared CPU")
     ap.add_argument("--refresh", action="store_true", help="recapture statistics")
     ap.add_argument("--out", default="admm_layers")
     args = ap.parse_args()

@@ -107,6 +107,8 @@ def _below_kth(score: torch.Tensor, k: int) -> torch.Tensor:
     pruned = score < kth
     tied = score == kth
     missing = k - pruned.sum(1, keepdim=True)
+    if bool((tied.sum(1, keepdim=True) == missing).all()):  # the usual case: no surplus ties
+        return pruned | tied
     return pruned | (tied & (torch.cumsum(tied, dim=1) <= missing))
 
 

@@ -132,20 +132,32 @@ def solve(
     return SolverResult(W_new, pruned, loss, info)
 
 
-def exact_solve(W: torch.Tensor, stats: LayerStats, pruned: torch.Tensor, damp: float = 0.1):
+def exact_solve(W: torch.Tensor, stats: LayerStats, pruned: torch.Tensor, damp: float = 0.1,
+                method: str = "cholesky", start: torch.Tensor = None):
     """The optimum of the damped layer problem on a given mask, in the original space.
 
-    Returns ``(W_new, extra_damp)``; ``W_new`` has ``W``'s dtype, zeros where ``pruned`` and at dead
-    inputs. This is the ``final_method="cholesky"`` solve of :func:`solve`, usable on any mask.
+    The final solve of :func:`solve`, usable on any mask: ``method="cholesky"`` is exact;
+    ``"cg"`` iterates from ``start`` (original-space weights; default ``W`` masked) to the CG
+    tolerance. Returns ``(W_new, info)``; ``W_new`` has ``W``'s dtype and zeros where ``pruned``
+    and at dead inputs.
     """
     if stats is None or stats.H is None:
         raise ValueError("exact_solve needs calibration statistics (a Hessian)")
     if pruned.shape != W.shape or pruned.dtype != torch.bool:
         raise ValueError(f"pruned must be a bool mask of shape {tuple(W.shape)}, got {pruned.dtype} {tuple(pruned.shape)}")
+    if method not in FINAL_METHODS:
+        raise ValueError(f"method={method!r}: allowed {', '.join(FINAL_METHODS)}")
     with no_tf32():
         problem = _normalise(W, stats.H.to(device=W.device, dtype=torch.float32), damp)
-        X, extra_damp = masked_least_squares(problem.Hd, problem.G, pruned.to(W.device))
-        return problem.to_original(X, W.dtype), extra_damp
+        pruned = pruned.to(W.device)
+        if method == "cg":
+            X0 = (W if start is None else start).float() * problem.norm
+            X, its, residual = masked_cg(problem.Hd, problem.G, X0, pruned)
+            info = {"iterations": its, "residual": residual}
+        else:
+            X, extra_damp = masked_least_squares(problem.Hd, problem.G, pruned)
+            info = {"extra_damp": extra_damp}
+        return problem.to_original(X, W.dtype), info
 
 
 def _check_options(iters, mask_steps, rho, damp, mask, reselect, final_method, quant):
