@@ -65,6 +65,21 @@ def _add_solver_args(p):
     g.add_argument("--no-final-solve", dest="final_solve", action="store_false")
 
 
+def _add_schedule_args(p):
+    from pyprune.schedule import DEFAULT_LAMBDA, DEFAULT_LEVELS, DEFAULT_M, DEFAULT_RANGE, SCHEDULES
+
+    g = p.add_argument_group("layer-wise sparsity")
+    g.add_argument("--schedule", default="uniform", choices=SCHEDULES,
+                   help="uniform, owl (outlier-weighted) or hessian (inverse-Hessian error estimates)")
+    g.add_argument("--sparsity-range", nargs=2, type=float, metavar=("LO", "HI"), default=list(DEFAULT_RANGE),
+                   help="hessian schedule: the range every layer's sparsity stays in")
+    g.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="hessian schedule: error levels")
+    g.add_argument("--schedule-granularity", default="layer", choices=["layer", "linear"],
+                   help="hessian schedule: one sparsity per decoder layer or per Linear")
+    g.add_argument("--owl-m", type=float, default=DEFAULT_M, help="OWL outlier threshold (x mean score)")
+    g.add_argument("--owl-lambda", type=float, default=DEFAULT_LAMBDA, help="OWL sparsity spread around the target")
+
+
 def _add_quant_args(p):
     g = p.add_argument_group("quantization")
     g.add_argument("--wbits", type=int, default=16, choices=[4, 16], help="4: INT4 weights; 16: no quantization")
@@ -84,8 +99,12 @@ def build_parser():
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
     target.add_argument("--pattern", help="N:M semi-structured pattern, keep N of every M (2:4, 4:8)")
-    p.add_argument("--activations", default="device", choices=["device", "cpu"],
-                   help="keep calibration activations on the compute device or offload them to CPU")
+    p.add_argument("--activations", default="device", choices=["device", "cpu", "disk"],
+                   help="calibration activations on the compute device, in CPU RAM, or memory-mapped on disk")
+    p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: temp)")
+    p.add_argument("--stream", action="store_true",
+                   help="stream a safetensors checkpoint folder layer by layer (models larger than RAM); "
+                        "the pruned checkpoint is written to --save")
     p.add_argument("--save", default=None, help="folder to save the pruned model (Hugging Face format)")
     p.add_argument("--report", default=None, help="JSON report path (default: SAVE/pyprune_report.json)")
     p.add_argument("--progress-dir", default=None,
@@ -93,6 +112,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue a killed run from its progress folder")
     _add_calibration_args(p)
     _add_solver_args(p)
+    _add_schedule_args(p)
     _add_quant_args(p)
     _add_model_args(p)
     _add_eval_args(p, default_windows=0)
@@ -110,6 +130,10 @@ def build_parser():
                    help="INT4 group size for layers without saved INT4 codes (round-to-nearest)")
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--strict", action="store_true", help="fail instead of skipping a Linear that does not fit")
+
+    from pyprune import plot
+
+    plot.add_arguments(sub.add_parser("plot", help="PNG of per-layer sparsity and estimated error of a report"))
     return parser
 
 
@@ -293,11 +317,15 @@ def cmd_prune(args):
     from pyprune.models.families import LAYER_PATHS
     from pyprune.pipeline import RunOptions, prune_model
     from pyprune.pipeline.report import totals, versions, write_report
-    from pyprune.schedule import UniformSchedule
+    from pyprune.schedule import make_schedule
     from pyprune.solvers import STATISTICS_FREE
 
     target = _target(args)
-    needs_calibration = args.method not in STATISTICS_FREE or (args.wbits == 4 and args.quant_method == "gptq")
+    schedule = make_schedule(args.schedule, target, sparsity_range=tuple(args.sparsity_range), levels=args.levels,
+                             granularity=args.schedule_granularity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                             damp=args.damp)
+    needs_calibration = args.method not in STATISTICS_FREE or (args.wbits == 4 and args.quant_method == "gptq") \
+        or args.schedule != "uniform"
     calib = _calibration_source(args) if needs_calibration else None
     _check_inputs_before_loading(args, target, needs_calibration, calib)
     if args.resume and args.wbits == 4:
@@ -308,30 +336,51 @@ def cmd_prune(args):
         print(f"note: model family {config.model_type!r} has no explicit adapter; using the generic one",
               file=sys.stderr)
     device, dtype = _device_and_dtype(args)
+    if args.device is None and torch.cuda.is_available():
+        from pyprune.pipeline.distributed import local_device
+
+        device = local_device()  # under torchrun, each process takes its own GPU
     progress_dir = args.progress_dir or (args.save + ".progress" if args.save else None)
     if args.resume and not progress_dir:
         raise ValueError("--resume needs --progress-dir (or --save, whose progress folder is SAVE.progress)")
 
+    if args.stream:
+        _check_streaming(args)
+    distributed = _distributed_from_env()
     t0 = time.time()
-    model, tokenizer = load_model(args.model, dtype)
+    if args.stream:  # weights stay on disk: a skeleton to check widths, the tokenizer, and no more
+        from transformers import AutoTokenizer
+
+        from pyprune.pipeline.streaming import load_skeleton
+
+        model, tokenizer = load_skeleton(args.model, dtype), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_model(args.model, dtype)
     _check_model_fits(model, target, args)
     load_seconds = time.time() - t0
     method, solver_options, quantizer = _solver_and_options(args, target)
     tokens, calib_info = None, None
     if needs_calibration:
         tokens, calib_info = _calibration_tokens(args, calib, model, tokenizer, device, progress_dir)
-    schedule = UniformSchedule(target)
-    options = RunOptions(device=device, activations=args.activations, batch_size=args.batch_size,
-                         progress_dir=progress_dir, resume=args.resume, show_progress=not args.quiet,
+    options = RunOptions(device=device, activations=args.activations, activations_dir=args.activations_dir,
+                         batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
+                         show_progress=not args.quiet, distributed=distributed,
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
-    run = prune_model(model, tokens, method, schedule, solver_options, options, post_solve=quantizer)
+    if args.stream:
+        from pyprune.pipeline.streaming import prune_streamed
+
+        run = prune_streamed(args.model, args.save, tokens, method, schedule, solver_options, options,
+                             post_solve=quantizer, dtype=dtype)
+    else:
+        run = prune_model(model, tokens, method, schedule, solver_options, options, post_solve=quantizer)
 
     report = {
         "command": "prune",
         "model": args.model,
         "config": {k: v for k, v in vars(args).items() if k != "func"},
         "schedule": schedule.describe(),
+        "activations": run.get("activations"),
         "calibration": calib_info,
         "linears": run["records"],
         "totals": dict(totals(run["records"]), pruning_seconds=run["seconds"], load_seconds=load_seconds,
@@ -345,8 +394,11 @@ def cmd_prune(args):
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
+    if distributed is not None and not distributed.is_main:
+        return report  # rank 0 writes the model and the report
     if args.save:
-        model.save_pretrained(args.save)
+        if not args.stream:  # a streamed run has written its checkpoint already
+            model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
         if quantizer is not None:
             from pyprune.formats.quant_state import save_quant_state
@@ -363,6 +415,28 @@ def cmd_prune(args):
         write_report(report_path, report)
     _print_summary(report)
     return report
+
+
+def _check_streaming(args):
+    from pyprune.pipeline.streaming import is_checkpoint_folder
+
+    if not is_checkpoint_folder(args.model):
+        raise ValueError(f"--stream needs a local safetensors checkpoint folder, got {args.model!r}")
+    if not args.save:
+        raise ValueError("--stream writes the pruned checkpoint layer by layer: give the folder with --save")
+    if args.eval_windows != 0 or args.tasks:
+        raise ValueError("--stream does not evaluate in the same run (the model is never in memory): "
+                         "run `pyprune eval SAVE` afterwards")
+    if args.calib == "self":
+        raise ValueError("--stream cannot generate self-calibration text (the model is never in memory); "
+                         "use --calib c4/wikitext2 or a calibration file")
+
+
+def _distributed_from_env():
+    """Under torchrun (WORLD_SIZE > 1) the statistics and solves are split over the processes."""
+    from pyprune.pipeline.distributed import init_from_env
+
+    return init_from_env()
 
 
 def _print_summary(report):
@@ -453,7 +527,9 @@ def cmd_compress(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "compress": cmd_compress}
+    from pyprune import plot
+
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "compress": cmd_compress, "plot": plot.run}
     try:
         commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:

@@ -146,3 +146,35 @@ def test_eval_runs_harness_tasks_on_the_loaded_model(tiny_saved_model, tmp_path,
     assert main(["eval", model_dir, "--data-dir", data, "--device", "cpu", "--quiet",
                  "--tasks", "no_such_task_xyz", "--task-dir", str(tmp_path)]) == 2
     assert "no_such_task_xyz" in capsys.readouterr().err
+
+
+def test_hessian_schedule_and_plot(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    path = tmp_path / "r.json"
+    assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "hessian",
+                           "--sparsity-range", "0.6", "0.8", "--levels", "2", "--report", str(path))) == 0
+    report = json.loads(path.read_text())
+    assert report["totals"]["achieved_sparsity"] == pytest.approx(0.7, abs=2e-3)
+    per_layer = {r["name"].split(".")[2]: r["target_sparsity"] for r in report["linears"]}
+    assert all(0.6 - 1e-9 <= s <= 0.8 + 1e-9 for s in per_layer.values())
+    png = tmp_path / "plot.png"
+    assert main(["plot", str(path), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="60KB")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    streamed, memory = tmp_path / "streamed", tmp_path / "memory"
+    for out, extra in ((streamed, ["--stream"]), (memory, [])):
+        assert main(prune_args(str(sharded), data, "--method", "sparsegpt", "--sparsity", "0.5",
+                               "--save", str(out), *extra)) == 0
+    a = AutoModelForCausalLM.from_pretrained(streamed).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(memory).state_dict()
+    for name in b:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name

@@ -153,3 +153,34 @@ def test_activations_offloaded_to_cpu_give_the_same_result():
     run(b, activations="cpu")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_linears_reading_the_same_input_share_exactly_its_hessian():
+    """q/k/v (and gate/up) read one tensor; o_proj and down_proj read their own."""
+    from pyprune.models.capture import capture_layer0_inputs, run_layer
+    from pyprune.pipeline.statistics import HessianCollector
+
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    inputs, kwargs = capture_layer0_inputs(model, calib(), "cpu", batch_size=2)
+    linears = prunable_linears(layer)
+    with HessianCollector(linears, "cpu") as collector:
+        for start in range(0, inputs.shape[0], 2):
+            collector.new_batch()
+            run_layer(layer, inputs[start:start + 2], kwargs[2])
+    H = {name.split(".")[-1]: s.H for name, s in collector.stats.items()}
+    assert torch.equal(H["q_proj"], H["k_proj"]) and torch.equal(H["q_proj"], H["v_proj"])
+    assert torch.equal(H["gate_proj"], H["up_proj"])
+    assert not torch.allclose(H["o_proj"], H["q_proj"]) and not torch.allclose(H["gate_proj"], H["o_proj"])
+    # and each equals the Hessian of the inputs that Linear really received
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n.split(".")[-1], []).append(i[0]))
+             for n, m in linears]
+    for start in range(0, inputs.shape[0], 2):
+        run_layer(layer, inputs[start:start + 2], kwargs[2])
+    for h in hooks:
+        h.remove()
+    for name in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[name]])
+        direct = 2.0 / x.shape[0] * x.T @ x
+        assert torch.allclose(H[name], direct, rtol=1e-4, atol=1e-6), name
