@@ -302,6 +302,18 @@ def test_prepass_leaves_the_model_unchanged_and_sees_dense_statistics():
     assert all(0 < e["outlier_ratio"] < 1 for e in owl.layers)
 
 
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_prepass_honours_the_activation_storage(tmp_path, storage):
+    model = deep_llama()
+    reference = HessianSchedule(SparsityPattern(sparsity=0.7), levels=3)
+    run_prepass(reference, model, calib(), options())
+    other = HessianSchedule(SparsityPattern(sparsity=0.7), levels=3)
+    run_prepass(other, model, calib(), options(activations=storage, activations_dir=str(tmp_path)))
+    assert [u.dense for u in other.units] == pytest.approx([u.dense for u in reference.units], rel=1e-5)
+    assert other.plan.sparsities == pytest.approx(reference.plan.sparsities, abs=1e-12)
+    assert not list(tmp_path.glob("**/*.bin"))  # disk buffers removed
+
+
 class Killed(Exception):
     pass
 

@@ -12,16 +12,18 @@ What is collected depends on ``schedule.prepass_statistics``:
 ``"input_norms"``: each Linear's per-input RMS ``sqrt(mean x_j^2)`` (a 1-D tensor), i.e. only the
 diagonal, which is all OWL's Wanda scores need.
 
-Memory: one activation buffer (updated in place, batch by batch) and one layer's statistics at a
-time; the buffer is freed before the pruning pass captures its own.
+Memory: one activation buffer, kept where ``options.activations`` says (device, cpu or disk) and
+updated in place batch by batch, and one layer's statistics at a time; the buffer is freed before
+the pruning pass captures its own.
 """
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from pyprune.models.capture import capture_layer0_inputs, run_layer
+from pyprune.models.capture import run_layer
 from pyprune.models.families import decoder_layers, prunable_linears, weight_matrix
+from pyprune.pipeline.activations import ActivationStore
 from pyprune.pipeline.statistics import HessianCollector
 
 KINDS = ("hessian", "input_norms")
@@ -66,7 +68,8 @@ class InputNormCollector:
 def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
     """Run the dense pre-pass for ``schedule``; returns its wall-clock seconds.
 
-    ``options``: the pipeline's ``RunOptions`` (device, activations, batch_size, show_progress).
+    ``options``: the pipeline's ``RunOptions`` (device, activations, activations_dir, batch_size,
+    show_progress).
     The model is not modified.
     """
     kind = getattr(schedule, "prepass_statistics", None)
@@ -77,26 +80,29 @@ def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
         raise ValueError(f"schedule {schedule.name!r} needs calibration data for its pre-pass")
     device = torch.device(getattr(options, "device", "cpu"))
     batch_size = getattr(options, "batch_size", 1)
-    store = device if getattr(options, "activations", "device") == "device" else torch.device("cpu")
     show = getattr(options, "show_progress", False)
+    store = ActivationStore(getattr(options, "activations", "device"), device, getattr(options, "activations_dir", None))
     t0 = time.time()
     layers = decoder_layers(model)
-    inputs, kwargs = capture_layer0_inputs(model, tokens, device, batch_size, store)
-    for index in tqdm(range(len(layers)), desc="schedule pre-pass", disable=not show):
-        layer = layers[index].to(device)
-        linears = prunable_linears(layer)
-        collector = (HessianCollector if kind == "hessian" else InputNormCollector)(linears, device)
-        last = index + 1 == len(layers)
-        with collector:
-            for start in range(0, inputs.shape[0], batch_size):
-                collector.new_batch()
-                batch = inputs[start:start + batch_size].to(device)
-                out = run_layer(layer, batch, kwargs[batch.shape[0]])
-                if not last:  # each window depends only on itself, so the buffer is reused in place
-                    inputs[start:start + batch.shape[0]] = out.to(inputs.device)
-        schedule.prepass_observe(index, collector.stats, {name: weight_matrix(m) for name, m in linears})
-        layers[index] = layer.to("cpu")
-    del inputs
+    try:
+        inputs, kwargs = store.capture(model, tokens, batch_size)
+        for index in tqdm(range(len(layers)), desc="schedule pre-pass", disable=not show):
+            layer = layers[index].to(device)
+            linears = prunable_linears(layer)
+            collector = (HessianCollector if kind == "hessian" else InputNormCollector)(linears, device)
+            last = index + 1 == len(layers)
+            with collector:
+                for start in range(0, inputs.shape[0], batch_size):
+                    collector.new_batch()
+                    batch = store.batch(inputs, start, batch_size, device)
+                    out = run_layer(layer, batch, kwargs[batch.shape[0]])
+                    if not last:  # each window depends only on itself, so the buffer is reused in place
+                        store.put(inputs, start, out)
+            schedule.prepass_observe(index, collector.stats, {name: weight_matrix(m) for name, m in linears})
+            layers[index] = layer.to("cpu")
+        del inputs
+    finally:
+        store.close()
     seconds = time.time() - t0
     schedule.finish_prepass(seconds)
     return seconds
