@@ -37,6 +37,8 @@ CONFIGS = {
     "admm-grad-2of4": ["--method", "admm", "--pattern", "2:4"],
     "admm1-70": ["--method", "admm", "--sparsity", "0.7", "--mask", "wanda"],
     "admm-grad-70-nofinal": ["--method", "admm", "--sparsity", "0.7", "--no-final-solve"],
+    "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl"],
+    "sparsegpt-70-hessian": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "hessian"],
     "gptq-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64"],
     "rtn-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--quant-method", "rtn"],
     "sparsegpt-50-int4-g64": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64"],
