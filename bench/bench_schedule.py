@@ -126,6 +126,76 @@ def table(results):
     return "\n".join(rows)
 
 
+class _EstimateProbe:
+    """A pre-pass consumer that keeps both estimates (undamped, damped) of every layer."""
+
+    prepass_statistics = "hessian"
+    name = "probe"
+
+    def __init__(self, target):
+        self.target, self.rows = target, []
+
+    def prepass_observe(self, index, stats, weights):
+        from pyprune.schedule.estimate import estimate_linears
+
+        t0 = time.time()
+        undamped = estimate_linears(weights, stats, [self.target], undamped=True)
+        damped = estimate_linears(weights, stats, [self.target], undamped=False)
+        self.rows.append({"layer": index, "undamped": sum(v[0] for v in undamped.values()),
+                          "damped": sum(v[0] for v in damped.values()), "seconds": time.time() - t0})
+
+    def finish_prepass(self, seconds):
+        self.seconds = seconds
+
+
+def spearman(a, b):
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0] * len(x)
+        for k, i in enumerate(order):
+            r[i] = k
+        return r
+    ra, rb, m = ranks(a), ranks(b), (len(a) - 1) / 2
+    return sum((x - m) * (y - m) for x, y in zip(ra, rb)) / sum((x - m) ** 2 for x in ra)
+
+
+def estimates(args, device):
+    """Dense OBS estimates (undamped and damped) of every layer at the target, against the actual
+    per-layer SparseGPT losses of a uniform run's report (``--against``)."""
+    from pyprune.data import calibration_tokens
+    from pyprune.models import load_model
+    from pyprune.pipeline import RunOptions
+    from pyprune.pipeline.prepass import run_prepass
+    from pyprune.plot import per_layer
+
+    model, tokenizer = load_model("smollm2-135m", torch.float32)
+    tokens = calibration_tokens(tokenizer, "c4", args.nsamples, args.seqlen, 0, args.data_dir)
+    probe = _EstimateProbe(args.target)
+    run_prepass(probe, model, tokens, RunOptions(device=device, show_progress=not args.quiet))
+    out = {"protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen, "target": args.target},
+           "prepass_seconds": probe.seconds, "layers": probe.rows}
+    lines = ["| layer | estimate (undamped) | estimate (damped) |" + (" actual loss |" if args.against else ""),
+             "|---|---|---|" + ("---|" if args.against else "")]
+    actual = None
+    if args.against:
+        with open(args.against) as f:
+            actual = [v["loss"] for v in per_layer(json.load(f)["linears"]).values()]
+        for key in ("undamped", "damped"):
+            out[f"spearman_{key}"] = spearman([r[key] for r in probe.rows], actual)
+        out["against"] = args.against
+    for i, r in enumerate(probe.rows):
+        lines.append(f"| {r['layer']} | {r['undamped']:.4g} | {r['damped']:.4g} |" +
+                     (f" {actual[i]:.4g} |" if actual else ""))
+    name = os.path.join(RESULTS, args.out + "_estimates")
+    with open(name + ".json", "w") as f:
+        json.dump(out, f, indent=1)
+    with open(name + ".md", "w") as f:
+        f.write(f"# Dense OBS estimates per layer at sparsity {args.target:g}\n\n" +
+                (f"Spearman vs actual loss: undamped {out['spearman_undamped']:.3f}, "
+                 f"damped {out['spearman_damped']:.3f}\n\n" if actual else "") + "\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "layers"}))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--group", default="main", choices=sorted(groups()))
@@ -143,6 +213,10 @@ def main(argv=None):
     p.add_argument("--out", default="schedule_p1", help="result name under bench/results/")
     p.add_argument("--redo", action="store_true", help="run configurations already in the results again")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--estimates", action="store_true",
+                   help="only the dense per-layer estimates (undamped and damped), no pruning")
+    p.add_argument("--target", type=float, default=0.7, help="--estimates: candidate sparsity")
+    p.add_argument("--against", default=None, help="--estimates: a uniform run's report to compare with")
     args = p.parse_args(argv)
     defaults = (8, 512, 8, 512) if args.quick else (32, 2048, 40, 2048)
     for key, value in zip(("nsamples", "seqlen", "eval_windows", "eval_seqlen"), defaults):
@@ -160,6 +234,9 @@ def main(argv=None):
     else:
         todo = groups()[args.group]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.estimates:
+        estimates(args, device)
+        return 0
 
     path = os.path.join(RESULTS, args.out + ".json")
     folder = os.path.join(RESULTS, args.out)

@@ -154,8 +154,11 @@ def test_estimate_is_exact_without_correlations():
     W = torch.randn(48, d, generator=g)
     stats = LayerStats(H, 100)
     for s in (0.3, 0.7):
-        actual = sparsegpt.solve(W, stats, SparsityPattern(sparsity=s)).info["obs_loss"]
-        assert obs_error(W, stats, s) == pytest.approx(actual, rel=1e-5)
+        result = sparsegpt.solve(W, stats, SparsityPattern(sparsity=s))
+        # damped: the sweep's loss under H + delta I; undamped: the real reconstruction loss
+        assert obs_error(W, stats, s, undamped=False) == pytest.approx(result.info["obs_loss"], rel=1e-5)
+        assert obs_error(W, stats, s) == pytest.approx(result.loss, rel=1e-4)
+        assert result.loss < 0.99 * result.info["obs_loss"]  # the dampening term is really there
 
 
 def test_estimate_curve_is_increasing_and_dead_inputs_are_free():
@@ -181,11 +184,26 @@ def test_estimate_orders_layers_like_the_actual_sparsegpt_loss():
     heavy = torch.randn(rows, d, generator=g) ** 5
     heavy *= uniform.norm() / heavy.norm()
     layers = {"robust": heavy, "sensitive": uniform, "sensitive_x3": 3 * uniform, "robust_x2": 2 * heavy}
-    for s in (0.5, 0.7):
-        est = {k: obs_error(W, stats, s) for k, W in layers.items()}
+    for s, undamped in ((0.5, True), (0.7, True), (0.7, False)):
+        est = {k: obs_error(W, stats, s, undamped=undamped) for k, W in layers.items()}
         act = {k: sparsegpt.solve(W, stats, SparsityPattern(sparsity=s)).loss for k, W in layers.items()}
         assert sorted(est, key=est.get) == sorted(act, key=act.get)
         assert act["sensitive"] > 5 * act["robust"] and est["sensitive"] > 5 * est["robust"]
+
+
+def test_undamped_estimate_is_not_inflated_by_a_massive_activation():
+    """One huge input feature makes the dampening (1 % of the mean Hessian diagonal) dwarf the
+    other inputs' variance; the damped OBS loss is then mostly the weight-decay term."""
+    g = torch.Generator().manual_seed(11)
+    X = correlated_inputs(2048, 128, seed=11)
+    X[:, 0] *= 300.0
+    stats = stats_of(X)
+    W = torch.randn(64, 128, generator=g)
+    actual = sparsegpt.solve(W, stats, SparsityPattern(sparsity=0.7)).loss
+    damped = obs_error(W, stats, 0.7, undamped=False)
+    undamped = obs_error(W, stats, 0.7)
+    assert damped > 3 * actual
+    assert abs(math.log(undamped / actual)) < 0.5 * abs(math.log(damped / actual))
 
 
 def test_shared_inputs_share_one_factorisation():

@@ -13,7 +13,7 @@ SCHEDULES = ("uniform", "owl", "hessian")
 
 def make_schedule(name: str, target, *, sparsity_range=DEFAULT_RANGE, levels: int = DEFAULT_LEVELS,
                   granularity: str = "layer", owl_m: float = DEFAULT_M, owl_lambda: float = DEFAULT_LAMBDA,
-                  damp: float = 0.01, online: bool = True):
+                  damp: float = 0.01, online: bool = True, undamped: bool = True):
     """Build a schedule by name. ``target``: a :class:`SparsityPattern` or a sparsity.
 
     Options a schedule does not use are ignored (``levels`` means nothing to ``owl``). Every value
@@ -27,7 +27,7 @@ def make_schedule(name: str, target, *, sparsity_range=DEFAULT_RANGE, levels: in
         return OWLSchedule(target, m=owl_m, lam=owl_lambda)
     if name == "hessian":
         return HessianSchedule(target, sparsity_range=sparsity_range, levels=levels, granularity=granularity,
-                               damp=damp, online=online)
+                               damp=damp, online=online, undamped=undamped)
     raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
 
 

@@ -23,7 +23,9 @@ but the estimate of layer ``l`` should use the inputs layer ``l`` really sees (a
    left, so the final mean is still the target exactly. Layer ``l`` is then fixed. The re-solve is
    always feasible: the remaining budget was met inside the range by the previous solve.
 
-With ``online=False`` the dense plan is used as it is.
+With ``online=False`` the dense plan is used as it is. Each plan is monotone in the estimates it
+was made from; with online correction a layer fixed early keeps its sparsity even if a later
+estimate would have ranked it differently.
 """
 import math
 import time
@@ -57,7 +59,8 @@ class HessianSchedule:
     prepass_statistics = "hessian"
 
     def __init__(self, target, sparsity_range=DEFAULT_RANGE, levels: int = DEFAULT_LEVELS,
-                 granularity: str = "layer", damp: float = 0.01, blocksize: int = 128, online: bool = True):
+                 granularity: str = "layer", damp: float = 0.01, blocksize: int = 128, online: bool = True,
+                 undamped: bool = True):
         target = _unstructured(target, self.name)
         lo, hi = (float(x) for x in sparsity_range)
         lv.check_range(target.sparsity, lo, hi)
@@ -72,6 +75,7 @@ class HessianSchedule:
         self.levels = lv.check_levels(levels)
         self.granularity = granularity
         self.damp, self.blocksize, self.online = float(damp), int(blocksize), bool(online)
+        self.undamped = bool(undamped)
         self.units = []
         self.plan: Optional[lv.Allocation] = None
         # Wall seconds: the dense pre-pass (its estimates included, also shown alone), the first
@@ -83,7 +87,7 @@ class HessianSchedule:
         """What identifies this schedule (goes into the --resume fingerprint)."""
         return {"schedule": self.name, "target": str(self.target), "range": [self.lo, self.hi],
                 "levels": self.levels, "granularity": self.granularity, "damp": self.damp,
-                "blocksize": self.blocksize, "online": self.online}
+                "blocksize": self.blocksize, "online": self.online, "undamped": self.undamped}
 
     # -- dense pre-pass -----------------------------------------------------------------------
     def needs_prepass(self) -> bool:
@@ -172,7 +176,8 @@ class HessianSchedule:
         missing = [n for n in weights_by_name if stats_by_name.get(n) is None]
         if missing:
             raise ValueError(f"the hessian schedule needs calibration statistics; none for {missing}")
-        curves = estimate_linears(weights_by_name, stats_by_name, [self.target.sparsity], self.damp, self.blocksize)
+        curves = estimate_linears(weights_by_name, stats_by_name, [self.target.sparsity], self.damp, self.blocksize,
+                                  self.undamped)
         return {n: c[0] for n, c in curves.items()}
 
     def _group(self, weights_by_name):

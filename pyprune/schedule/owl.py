@@ -27,12 +27,20 @@ DEFAULT_LAMBDA = 0.08
 
 def outlier_ratio(weights: Sequence[torch.Tensor], input_norms: Sequence[torch.Tensor], m: float = DEFAULT_M) -> float:
     """Fraction of the Wanda scores of all ``weights`` (``[out, in]`` each, with per-input norms
-    ``[in]``) that exceed ``m`` times the mean score over all of them."""
-    scores = [W.float().abs() * n.float().reshape(1, -1).to(W.device) for W, n in zip(weights, input_norms)]
-    total = sum(float(s.sum(dtype=torch.float64)) for s in scores)
-    count = sum(s.numel() for s in scores)
+    ``[in]``) that exceed ``m`` times the mean score over all of them.
+
+    Two passes (the sum, then the count) so only one Linear's scores exist at a time.
+    """
+    pairs = list(zip(weights, input_norms))
+    for W, n in pairs:
+        if n.numel() != W.shape[1]:
+            raise ValueError(f"{n.numel()} input norms for a weight of shape {tuple(W.shape)}")
+    # sum_ij |W_ij| n_j = sum_j n_j * (column sum of |W|)
+    total = sum(float((W.float().abs().sum(0, dtype=torch.float64) * n.double().to(W.device)).sum()) for W, n in pairs)
+    count = sum(W.numel() for W, _ in pairs)
     threshold = m * total / count
-    return sum(int((s > threshold).sum()) for s in scores) / count
+    return sum(int((W.float().abs() * n.float().reshape(1, -1).to(W.device) > threshold).sum())
+               for W, n in pairs) / count
 
 
 def owl_sparsities(ratios: Sequence[float], params: Sequence[float], target: float,
