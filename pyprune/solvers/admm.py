@@ -98,7 +98,7 @@ def solve(
         problem = _normalise(W, H, damp)
         fixed = None
         if mask == "wanda":
-            fixed = select_pruned(wanda.scores(W, stats), pattern, per_row=True)
+            fixed = select_pruned(wanda.scores(W, LayerStats(H, stats.nsamples)), pattern, per_row=True)
         elif mask == "magnitude":
             fixed = select_pruned(W.abs().float(), pattern, per_row=False)
         Z, pruned = _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect)
@@ -215,7 +215,6 @@ def _normalise(W, H, damp) -> _Problem:
 def _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect):
     """ADMM iterations; returns the final masked iterate ``Z`` and its mask."""
     Hd, W0 = problem.Hd, problem.W0
-    cols = Hd.shape[0]
     A = Hd.clone()
     A.diagonal().add_(rho)
     L, status = torch.linalg.cholesky_ex(A)
@@ -230,8 +229,7 @@ def _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect):
     steps = max(mask_steps, 1)
     for t in range(iters):
         if fixed is None and t < steps:
-            pruned = None
-            selection = _gradual_selection(W + U, pattern, (t + 1) / steps, per_row, reselect)
+            selection = _gradual_selection(W, U, pattern, (t + 1) / steps, per_row, reselect)
         else:
             selection = {"pruned": pruned}
         step = admm_step(W, U, rho, **selection)
@@ -246,21 +244,21 @@ def cubic_sparsity(target: float, progress: float) -> float:
     return target * (1.0 - (1.0 - min(progress, 1.0)) ** 3)
 
 
-def _gradual_selection(V, pattern, progress, per_row, reselect):
-    """Keyword arguments of ``admm_step`` for one re-selection on ``|V|``."""
-    rows, cols = V.shape
+def _gradual_selection(W, U, pattern, progress, per_row, reselect):
+    """Keyword arguments of ``admm_step`` for one re-selection on ``|W + U|``."""
+    rows, cols = W.shape
     final = reselect == "final" or progress >= 1.0
     if pattern.is_nm:
         if final:
             return {"nm": pattern.nm}
-        score = V.abs()
+        score = (W + U).abs()
         keep = ~select_pruned(score, pattern)  # the n largest of each group stay
-        count = int(round(cubic_sparsity(pattern.sparsity, progress) * V.numel()))
-        return {"pruned": select_lowest(score.masked_fill(keep, math.inf), MODE_LAYER, count)}
+        count = int(round(cubic_sparsity(pattern.sparsity, progress) * W.numel()))
+        return {"pruned": select_lowest(score.masked_fill_(keep, math.inf), MODE_LAYER, count)}
     s = pattern.sparsity if final else cubic_sparsity(pattern.sparsity, progress)
     if per_row:
         return {"k": int(round(s * cols)), "per_row": True}
-    return {"k": int(round(s * V.numel()))}
+    return {"k": int(round(s * W.numel()))}
 
 
 def masked_cg(Hd: torch.Tensor, G: torch.Tensor, X0: torch.Tensor, pruned: torch.Tensor,
