@@ -59,7 +59,8 @@ def admm_step(
             f"U {U.dtype} {tuple(U.shape)}"
         )
     ext = kernel_for(W)
-    if ext is not None and hasattr(ext, "admm_step") and W.is_contiguous() and U.is_contiguous():
+    # The kernel handles N:M groups of up to 64 columns; wider groups take the reference.
+    if ext is not None and hasattr(ext, "admm_step") and W.is_contiguous() and U.is_contiguous() and m <= 64:
         if pruned is None:
             pruned = torch.empty(W.shape, dtype=torch.bool, device=W.device)
         elif not pruned.is_contiguous():
