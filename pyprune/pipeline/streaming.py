@@ -25,6 +25,8 @@ then the raw tensor bytes) with plain file I/O, so neither a memory map of a who
 serialised copy of a whole shard is ever resident.
 """
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -149,9 +151,7 @@ def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], dtypes: Dict[
             data = t.detach().to("cpu", dtypes[name]).contiguous()
             if data.numel():
                 f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # a killed process leaves either the old file or the complete new one
 
 
 def is_checkpoint_folder(path: str) -> bool:
@@ -193,7 +193,7 @@ def load_skeleton(model_dir: str, dtype=None):
 
     config = AutoConfig.from_pretrained(model_dir)
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = (config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)) or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
     with parameters_on_meta():
@@ -238,6 +238,27 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor):
         module._buffers[attr] = value
     else:
         raise KeyError(f"{name} is neither a parameter nor a buffer of the model")
+
+
+_LIBC = None
+
+
+def trim_heap():
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Tensors of a few MiB are served from the malloc heap once glibc has raised its mmap
+    threshold; after a layer is dropped that memory stays mapped to the process, and without a
+    trim the resident size creeps up layer after layer. A no-op where glibc is not the allocator.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _release_tensor(root: nn.Module, name: str):
@@ -388,6 +409,7 @@ class LayerStreamer:
                 setattr(head[0], head[1], original)
             for key in self.capture_keys:
                 _release_tensor(self.model, self.to_model[key])
+            trim_heap()
 
     def load_layer(self, index: int) -> nn.Module:
         if self.max_layers is not None and self.loaded >= self.max_layers:
@@ -417,6 +439,7 @@ class LayerStreamer:
             for attr, b in list(sub._buffers.items()):
                 if b is not None and b.device.type not in ("cpu", "meta"):
                     sub._buffers[attr] = b.to("cpu")
+        trim_heap()
 
     # -- the rest of the checkpoint
     def finish(self, source_dir: str):
