@@ -7,9 +7,10 @@ relative reconstruction error ``||W X - W' X||^2 / ||W X||^2`` on the calibratio
 the held-out tokens, and the solver seconds.
 
 Variants: ADMM1 (Wanda mask + ADMM update), ADMM-Grad with the cubic schedule (``schedule``), with
-re-selection at the final sparsity (``final``, the published code's unstructured variant), and
-per output row; each with and without the exact final solve (the "+fs" rows reuse the same ADMM
-run and apply :func:`pyprune.solvers.admm.exact_solve` to its mask).
+re-selection at the final sparsity (``final``, the published code's unstructured variant and the
+solver's default), and per output row (with the schedule); each with and without the final solve
+(the "+fs" rows continue the same ADMM run with the CG final solve,
+:func:`pyprune.solvers.admm.exact_solve` with ``method="cg"``).
 
     python bench/bench_admm_layers.py                    # decoder layer 3: ~2-3 min, 1 thread
     python bench/bench_admm_layers.py --use 3,20 --out admm_layers_3_20     # both: ~5-6 min
