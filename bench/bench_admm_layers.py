@@ -245,7 +245,7 @@ def markdown(summary, names, patterns, meta):
         "",
         f"Layers: {meta['layers']} ({meta['source']}); calibration {meta['calibration']}, "
         f"held-out {meta['heldout']}. Mean over Linears of ||WX - W'X||^2 / ||WX||^2 "
-        "(lower is better); solver seconds summed over Linears. `+fs` = exact final solve on the same mask.",
+        "(lower is better); solver seconds summed over Linears. `+fs` = the same ADMM run followed by the final solve (CG to 1e-5 residual).",
         "",
     ]
     for key, title in (("cal", "calibration tokens"), ("eval", "held-out tokens"), ("seconds", "solver seconds")):
