@@ -12,7 +12,8 @@ Groups (``--group``):
           (hessian: 4 levels, range [0.6, 0.8], per decoder layer, online correction)  12 runs
   levels  hessian at 0.7 with 2, 3, 6, 8 levels, both solvers                            8 runs
   range   hessian at 0.7 with ranges [0.65, 0.75] and [0.5, 0.9], both solvers           4 runs
-  variant hessian at 0.7 without online correction, and per Linear, both solvers         4 runs
+  variant hessian at 0.7 without online correction, per Linear, and with the estimate
+          normalised by each layer's output energy, both solvers                                      6 runs
 On 2 CPU cores a configuration takes ~10 min (prune + 40 eval windows); on a GPU well under one.
 Results accumulate in ``bench/results/schedule_p1.json`` (finished configurations are skipped
 when the script is run again; ``--redo`` runs them again), a Markdown table in
@@ -40,13 +41,14 @@ RESULTS = os.path.join(HERE, "results")
 DATA = os.environ.get("PYPRUNE_DATA_DIR", os.path.join(HERE, "..", "..", "shared", "data"))
 
 
-def config(schedule, method, target, levels=4, lo=0.6, hi=0.8, granularity="layer", online=True):
+def config(schedule, method, target, levels=4, lo=0.6, hi=0.8, granularity="layer", online=True,
+           normalise="none"):
     name = f"{schedule}-{method}-{target:g}"
     if schedule == "hessian":
         name += f"-L{levels}-r{lo:g}-{hi:g}" + ("" if granularity == "layer" else "-linear") + \
-            ("" if online else "-offline")
+            ("" if online else "-offline") + ("" if normalise == "none" else "-outnorm")
     return {"name": name, "schedule": schedule, "method": method, "target": target, "levels": levels,
-            "range": [lo, hi], "granularity": granularity, "online": online}
+            "range": [lo, hi], "granularity": granularity, "online": online, "normalise": normalise}
 
 
 def groups():
@@ -55,7 +57,8 @@ def groups():
     levels = [config("hessian", m, 0.7, levels=k) for m in solvers for k in (2, 3, 6, 8)]
     ranges = [config("hessian", m, 0.7, lo=lo, hi=hi) for m in solvers for lo, hi in ((0.65, 0.75), (0.5, 0.9))]
     variant = [config("hessian", m, 0.7, online=False) for m in solvers] + \
-        [config("hessian", m, 0.7, granularity="linear") for m in solvers]
+        [config("hessian", m, 0.7, granularity="linear") for m in solvers] + \
+        [config("hessian", m, 0.7, normalise="output") for m in solvers]
     return {"main": main, "levels": levels, "range": ranges, "variant": variant,
             "all": main + levels + ranges + variant}
 
@@ -81,7 +84,8 @@ def run_one(cfg, args, device):
     from pyprune.schedule import make_schedule
 
     schedule = make_schedule(cfg["schedule"], cfg["target"], sparsity_range=tuple(cfg["range"]),
-                             levels=cfg["levels"], granularity=cfg["granularity"], online=cfg["online"])
+                             levels=cfg["levels"], granularity=cfg["granularity"], online=cfg["online"],
+                             normalise=cfg.get("normalise", "none"))
     model, tokenizer = load_model("smollm2-135m", torch.float32)
     tokens = calibration_tokens(tokenizer, "c4", args.nsamples, args.seqlen, 0, args.data_dir)
     solver_options = {"damp": 0.01, "blocksize": 128} if cfg["method"] == "sparsegpt" else {}
@@ -136,11 +140,10 @@ class _EstimateProbe:
         self.target, self.rows = target, []
 
     def prepass_observe(self, index, stats, weights):
-        from pyprune.schedule.estimate import estimate_linears
+        from pyprune.schedule.estimate import estimate_linears_both
 
         t0 = time.time()
-        undamped = estimate_linears(weights, stats, [self.target], undamped=True)
-        damped = estimate_linears(weights, stats, [self.target], undamped=False)
+        undamped, damped = estimate_linears_both(weights, stats, [self.target])
         self.rows.append({"layer": index, "undamped": sum(v[0] for v in undamped.values()),
                           "damped": sum(v[0] for v in damped.values()), "seconds": time.time() - t0})
 

@@ -44,7 +44,7 @@ def per_layer(records):
 def _schedule_per_layer(units):
     """Layer -> assigned sparsity (weighted), estimates (summed), level (of the layer's largest unit)."""
     out = defaultdict(lambda: {"w": 0.0, "p": 0, "est": 0.0, "dense": 0.0, "has_real": True, "level": None,
-                               "ratio": None, "biggest": -1})
+                               "ratio": None, "biggest": -1, "loss_est": 0.0, "energy": 0.0})
     for u in units:
         e = out[u["layer"]]
         e["w"] += u["sparsity"] * u["parameters"]
@@ -53,6 +53,8 @@ def _schedule_per_layer(units):
             e["est"] += u["estimate"]
             e["dense"] += u.get("estimate_dense") or 0.0
             e["has_real"] &= u.get("estimate_real") is not None
+            e["loss_est"] += u.get("loss_estimate", u["estimate"])
+            e["energy"] += u.get("output_energy") or 0.0
         if "outlier_ratio" in u:
             e["ratio"] = u["outlier_ratio"]
         if u["parameters"] > e["biggest"]:
@@ -114,14 +116,22 @@ def plot_report(report, out: str = None) -> str:
     if any(x > 0 for x in losses):
         bottom.semilogy(layers, [x if x > 0 else float("nan") for x in losses], "s-", color="tab:orange",
                         ms=3, label="solver loss (actual)")
-    if planned and any(planned[k]["est"] > 0 for k in layers if k in planned):
-        bottom.semilogy(layers, [planned[k]["est"] for k in layers], "o-", color="tab:blue", ms=3,
-                        label="OBS estimate" + (" (real inputs)" if all(planned[k]["has_real"] for k in layers) else ""))
-        if any(planned[k]["dense"] > 0 for k in layers) and any(planned[k]["has_real"] for k in layers):
+    normalised = schedule.get("normalise", "none") != "none"
+    real = planned and all(planned[k]["has_real"] for k in layers)
+    if planned and any(planned[k]["loss_est"] > 0 for k in layers if k in planned):
+        bottom.semilogy(layers, [planned[k]["loss_est"] for k in layers], "o-", color="tab:blue", ms=3,
+                        label="OBS estimate" + (" (real inputs)" if real else ""))
+        if not normalised and any(planned[k]["dense"] > 0 for k in layers) and any(planned[k]["has_real"] for k in layers):
             bottom.semilogy(layers, [planned[k]["dense"] for k in layers], ":", color="tab:blue",
                             label="OBS estimate (dense pre-pass)")
     bottom.set_ylabel("loss (mean per-token squared error)")
     bottom.grid(alpha=0.3, which="both")
+    if planned and normalised and any(planned[k]["energy"] > 0 for k in layers):
+        twin = bottom.twinx()
+        twin.semilogy(layers, [planned[k]["loss_est"] / planned[k]["energy"] for k in layers], "d--",
+                      color="tab:purple", ms=3, label="estimate / output energy (allocation score)")
+        twin.set_ylabel("relative estimate")
+        twin.legend(loc="lower right", fontsize=8)
     if planned and any(planned[k]["ratio"] is not None for k in layers):
         twin = bottom.twinx()
         twin.plot(layers, [planned[k]["ratio"] for k in layers], "^-", color="tab:green", ms=3,

@@ -274,6 +274,23 @@ def test_schedules_run_end_to_end_with_every_solver(name, method):
             assert torch.isfinite(weight_matrix(m)).all()
 
 
+def test_output_normalised_scores_are_scale_free():
+    """Scaling a layer's weights scales its OBS loss by c^2 but not the fraction of its output
+    energy that pruning destroys."""
+    X = correlated_inputs(256, 32, seed=9)
+    stats = {"a": stats_of(X), "b": stats_of(X)}
+    W = {"a": torch.randn(16, 32, generator=torch.Generator().manual_seed(9))}
+    raw, rel = (HessianSchedule(SparsityPattern(sparsity=0.7), normalise=n) for n in ("none", "output"))
+    for schedule in (raw, rel):
+        schedule.prepass_observe(0, stats, W)
+        schedule.prepass_observe(1, stats, {"a": 5.0 * W["a"]})
+    assert raw.units[1].dense == pytest.approx(25.0 * raw.units[0].dense, rel=1e-4)
+    assert rel.units[1].dense == pytest.approx(rel.units[0].dense, rel=1e-4)
+    assert 0 < rel.units[0].dense < 1
+    with pytest.raises(ValueError, match="normalise='energy'"):
+        make_schedule("hessian", 0.7, normalise="energy")
+
+
 def test_per_linear_granularity():
     model = deep_llama(layers=2)
     schedule = make_schedule("hessian", 0.7, granularity="linear", levels=4)

@@ -3,7 +3,7 @@
 Schedules that need every layer's statistics before pruning starts (``owl``, ``hessian``) have
 ``needs_prepass()``; the pipeline then runs ``pyprune.pipeline.prepass.run_prepass`` first.
 """
-from pyprune.schedule.hessian import DEFAULT_LEVELS, DEFAULT_RANGE, GRANULARITIES, HessianSchedule
+from pyprune.schedule.hessian import DEFAULT_LEVELS, DEFAULT_RANGE, GRANULARITIES, NORMALISATIONS, HessianSchedule
 from pyprune.schedule.owl import DEFAULT_LAMBDA, DEFAULT_M, OWLSchedule
 from pyprune.schedule.uniform import UniformSchedule
 from pyprune.solvers.pattern import SparsityPattern
@@ -13,7 +13,7 @@ SCHEDULES = ("uniform", "owl", "hessian")
 
 def make_schedule(name: str, target, *, sparsity_range=DEFAULT_RANGE, levels: int = DEFAULT_LEVELS,
                   granularity: str = "layer", owl_m: float = DEFAULT_M, owl_lambda: float = DEFAULT_LAMBDA,
-                  damp: float = 0.01, online: bool = True, undamped: bool = True):
+                  damp: float = 0.01, online: bool = True, undamped: bool = True, normalise: str = "none"):
     """Build a schedule by name. ``target``: a :class:`SparsityPattern` or a sparsity.
 
     Options a schedule does not use are ignored (``levels`` means nothing to ``owl``). Every value
@@ -27,11 +27,11 @@ def make_schedule(name: str, target, *, sparsity_range=DEFAULT_RANGE, levels: in
         return OWLSchedule(target, m=owl_m, lam=owl_lambda)
     if name == "hessian":
         return HessianSchedule(target, sparsity_range=sparsity_range, levels=levels, granularity=granularity,
-                               damp=damp, online=online, undamped=undamped)
+                               damp=damp, online=online, undamped=undamped, normalise=normalise)
     raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
 
 
 __all__ = [
     "DEFAULT_LAMBDA", "DEFAULT_LEVELS", "DEFAULT_M", "DEFAULT_RANGE", "GRANULARITIES", "SCHEDULES",
-    "HessianSchedule", "OWLSchedule", "UniformSchedule", "make_schedule",
+    "NORMALISATIONS", "HessianSchedule", "OWLSchedule", "UniformSchedule", "make_schedule",
 ]

@@ -81,6 +81,14 @@ def undamped_costs(W: torch.Tensor, scores: torch.Tensor, H: torch.Tensor, damp_
     return (scores - delta * W.pow(2)).clamp_min(0.0)
 
 
+def output_energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``0.5 * tr(W H W^T)``: the mean per-token ``||W x||^2``, on the scale of the losses, so
+    ``estimate / output_energy`` is the fraction of the Linear's output the pruning destroys."""
+    with no_tf32():
+        W = W.float().to(H.device)
+        return float(0.5 * torch.sum(W.matmul(H.float()) * W))
+
+
 def obs_error(W: torch.Tensor, stats: LayerStats, sparsity: float, damp: float = 0.01,
               blocksize: int = 128, undamped: bool = True) -> float:
     """Estimated pruning loss of one Linear at ``sparsity`` (see the module docstring)."""
@@ -90,13 +98,20 @@ def obs_error(W: torch.Tensor, stats: LayerStats, sparsity: float, damp: float =
 def estimate_linears(weights_by_name: Dict[str, torch.Tensor], stats_by_name: Dict[str, LayerStats],
                      sparsities: Iterable[float], damp: float = 0.01, blocksize: int = 128,
                      undamped: bool = True) -> Dict[str, list]:
-    """Estimates ``{name: [E(s) for s in sparsities]}`` for the Linears of one decoder layer.
+    """Estimates ``{name: [E(s) for s in sparsities]}`` for the Linears of one decoder layer."""
+    both = estimate_linears_both(weights_by_name, stats_by_name, sparsities, damp, blocksize, undamped, not undamped)
+    return both[0] if undamped else both[1]
+
+
+def estimate_linears_both(weights_by_name, stats_by_name, sparsities, damp: float = 0.01, blocksize: int = 128,
+                          undamped: bool = True, damped: bool = True):
+    """``(undamped, damped)`` estimate dicts (an unrequested one is ``{}``), one factorisation each.
 
     Linears reading the same input (q/k/v, gate/up) have equal Hessians; their factor is computed
     once (an equality check is O(d^2), the factorisation O(d^3)).
     """
     sparsities = list(sparsities)
-    out, factors = {}, []  # factors: [(H, HessianFactor)] of this layer so far
+    out_undamped, out_damped, factors = {}, {}, []  # factors: [(H, HessianFactor)] of this layer so far
     with no_tf32():
         for name, W in weights_by_name.items():
             stats = stats_by_name.get(name)
@@ -110,7 +125,9 @@ def estimate_linears(weights_by_name: Dict[str, torch.Tensor], stats_by_name: Di
                 factors.append((stats.H, factor))
             W32 = W.to(device=factor.U.device, dtype=torch.float32)
             scores = obs_scores(W32, factor.U, factor.dead)
-            costs = undamped_costs(W32, scores, stats.H.to(W32.device), factor.damp_fraction, factor.dead) \
-                if undamped else None
-            out[name] = obs_error_curve(scores, sparsities, blocksize, costs)
-    return out
+            if undamped:
+                costs = undamped_costs(W32, scores, stats.H.to(W32.device), factor.damp_fraction, factor.dead)
+                out_undamped[name] = obs_error_curve(scores, sparsities, blocksize, costs)
+            if damped:
+                out_damped[name] = obs_error_curve(scores, sparsities, blocksize)
+    return out_undamped, out_damped

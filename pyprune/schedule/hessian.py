@@ -5,6 +5,12 @@ its pruning loss at the target sparsity (``estimate.py``; a layer's estimate is 
 Linears); the log estimates are clustered into levels and mapped into ``[lo, hi]`` with the
 parameter-weighted mean equal to the target (``levels.py``).
 
+``normalise="none"`` (default, as in the paper) clusters the estimates themselves: mean per-token
+squared output error, one scale for all layers. ``normalise="output"`` divides each unit's
+estimate by its dense output energy ``0.5 tr(W H W^T)`` (the fraction of its output that pruning
+destroys), which removes the growth of activations with depth but is dominated by layers with
+massive activations.
+
 Where the statistics come from. Clustering needs every unit's estimate before layer 0 is pruned,
 but the estimate of layer ``l`` should use the inputs layer ``l`` really sees (after layers
 ``< l`` were pruned). Two sources, no second pruning pass:
@@ -33,12 +39,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
 from pyprune.schedule import levels as lv
-from pyprune.schedule.estimate import estimate_linears
+from pyprune.schedule.estimate import estimate_linears, output_energy
 from pyprune.solvers.pattern import SparsityPattern
 
 DEFAULT_LEVELS = 4
 DEFAULT_RANGE = (0.6, 0.8)
 GRANULARITIES = ("layer", "linear")
+NORMALISATIONS = ("none", "output")
 
 
 @dataclass
@@ -46,9 +53,10 @@ class Unit:
     layer: int
     name: Optional[str]  # None for a whole decoder layer
     parameters: int
-    dense: float  # estimate from the dense pre-pass
-    real: Optional[float] = None  # estimate from the statistics the pipeline passed to observe()
-    linears: Dict[str, float] = field(default_factory=dict)  # per-Linear estimates (latest source)
+    dense: float  # allocation score from the dense pre-pass
+    real: Optional[float] = None  # allocation score from the statistics the pipeline passed to observe()
+    linears: Dict[str, float] = field(default_factory=dict)  # per-Linear OBS loss estimates (latest source)
+    energies: Dict[str, float] = field(default_factory=dict)  # per-Linear output energies (latest source)
     level: Optional[int] = None  # level and sparsity once fixed (handed to the solver)
     sparsity: Optional[float] = None
 
@@ -60,12 +68,14 @@ class HessianSchedule:
 
     def __init__(self, target, sparsity_range=DEFAULT_RANGE, levels: int = DEFAULT_LEVELS,
                  granularity: str = "layer", damp: float = 0.01, blocksize: int = 128, online: bool = True,
-                 undamped: bool = True):
+                 undamped: bool = True, normalise: str = "none"):
         target = _unstructured(target, self.name)
         lo, hi = (float(x) for x in sparsity_range)
         lv.check_range(target.sparsity, lo, hi)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise={normalise!r}; allowed: {', '.join(NORMALISATIONS)}")
         if not (math.isfinite(damp) and damp > 0):
             raise ValueError(f"damp={damp}: need a finite value > 0")
         if int(blocksize) != blocksize or blocksize < 1:
@@ -75,7 +85,7 @@ class HessianSchedule:
         self.levels = lv.check_levels(levels)
         self.granularity = granularity
         self.damp, self.blocksize, self.online = float(damp), int(blocksize), bool(online)
-        self.undamped = bool(undamped)
+        self.undamped, self.normalise = bool(undamped), normalise
         self.units = []
         self.plan: Optional[lv.Allocation] = None
         # Wall seconds: the dense pre-pass (its estimates included, also shown alone), the first
@@ -87,7 +97,8 @@ class HessianSchedule:
         """What identifies this schedule (goes into the --resume fingerprint)."""
         return {"schedule": self.name, "target": str(self.target), "range": [self.lo, self.hi],
                 "levels": self.levels, "granularity": self.granularity, "damp": self.damp,
-                "blocksize": self.blocksize, "online": self.online, "undamped": self.undamped}
+                "blocksize": self.blocksize, "online": self.online, "undamped": self.undamped,
+                "normalise": self.normalise}
 
     # -- dense pre-pass -----------------------------------------------------------------------
     def needs_prepass(self) -> bool:
@@ -97,12 +108,13 @@ class HessianSchedule:
         if layer_index == 0:
             self.units = []
         t0 = time.time()
-        estimates = self._estimate(weights_by_name, stats_by_name)
+        estimates, energies = self._estimate(weights_by_name, stats_by_name)
         for group in self._group(weights_by_name):
             params = sum(weights_by_name[n].numel() for n in group)
-            linears = {n: estimates[n] for n in group}
-            name = group[0] if self.granularity == "linear" else None
-            self.units.append(Unit(layer_index, name, params, sum(linears.values()), linears=linears))
+            unit = Unit(layer_index, group[0] if self.granularity == "linear" else None, params, 0.0,
+                        linears={n: estimates[n] for n in group}, energies={n: energies.get(n, 0.0) for n in group})
+            unit.dense = self._score(unit)
+            self.units.append(unit)
         self.seconds["prepass_estimates"] += time.time() - t0
 
     def finish_prepass(self, seconds: float = 0.0):
@@ -121,11 +133,12 @@ class HessianSchedule:
         if not mine:
             raise ValueError(f"layer {layer_index} was not seen by the pre-pass ({self._nlayers()} layers)")
         if self.online:
-            estimates = self._estimate(weights_by_name, stats_by_name)
+            estimates, energies = self._estimate(weights_by_name, stats_by_name)
             for i in mine:
                 unit = self.units[i]
                 unit.linears = {n: estimates[n] for n in unit.linears}
-                unit.real = sum(unit.linears.values())
+                unit.energies = {n: energies.get(n, 0.0) for n in unit.linears}
+                unit.real = self._score(unit)
             self._replan()
         for i in mine:
             self.units[i].level = self.plan.levels[i]
@@ -151,7 +164,8 @@ class HessianSchedule:
             units=[{
                 "layer": u.layer, "name": u.name, "parameters": u.parameters,
                 "estimate": u.real if u.real is not None else u.dense, "estimate_dense": u.dense,
-                "estimate_real": u.real, "linear_estimates": u.linears,
+                "estimate_real": u.real, "loss_estimate": sum(u.linears.values()),
+                "output_energy": sum(u.energies.values()), "linear_estimates": u.linears,
                 "log_estimate": self.plan.log_errors[i], "level": levels[i],
                 "sparsity": sparsities[i],
             } for i, u in enumerate(self.units)],
@@ -178,7 +192,17 @@ class HessianSchedule:
             raise ValueError(f"the hessian schedule needs calibration statistics; none for {missing}")
         curves = estimate_linears(weights_by_name, stats_by_name, [self.target.sparsity], self.damp, self.blocksize,
                                   self.undamped)
-        return {n: c[0] for n, c in curves.items()}
+        energies = {n: output_energy(W, stats_by_name[n].H) for n, W in weights_by_name.items()} \
+            if self.normalise == "output" else {}
+        return {n: c[0] for n, c in curves.items()}, energies
+
+    def _score(self, unit):
+        """What the levels are made from: the OBS loss estimate, or with ``normalise="output"`` the
+        fraction of the unit's output energy it destroys (scale-free across depth)."""
+        loss = sum(unit.linears.values())
+        if self.normalise == "none":
+            return loss
+        return loss / max(sum(unit.energies.values()), 1e-30)
 
     def _group(self, weights_by_name):
         names = list(weights_by_name)
