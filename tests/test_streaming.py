@@ -190,6 +190,28 @@ def test_bad_folders_are_refused(tmp_path):
 # One process: a warm-up run on a 2-layer model first (every code path's one-time cost: lazy
 # imports, kernel set-up), then the high-water mark of the resident set (VmHWM, reset through
 # /proc/self/clear_refs) is measured around the streamed run, and around an in-memory load.
+def test_row_reads_block_copies_and_embedding_rows(tmp_path):
+    from pyprune.pipeline.streaming import LayerStreamer, StoredTensor, load_skeleton
+
+    source = save_sharded("llama", tmp_path / "source")
+    index = CheckpointIndex(source)
+    full = index.read("model.embed_tokens.weight")
+    assert torch.equal(index.read_rows("model.embed_tokens.weight", 5, 17), full[5:17])
+    blocks = list(StoredTensor(index, "model.embed_tokens.weight", block_bytes=3000).blocks())
+    assert len(blocks) > 3 and torch.equal(torch.cat(blocks), full)
+    streamer = LayerStreamer(load_skeleton(source), source, str(tmp_path / "out"))
+    tokens = torch.tensor([[3, 4, 5, 90], [5, 127, 0, 4]])
+    with streamer.capturing(tokens):
+        weight = streamer.model.model.embed_tokens.weight
+        ids = tokens.unique()
+        assert torch.equal(weight[ids], full[ids])
+        assert streamer.model.lm_head.__class__.__name__ == "Identity"
+    assert streamer.model.model.embed_tokens.weight.device.type == "meta"  # released after the capture
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        with streamer.capturing(torch.tensor([[1, 128]])):
+            pass
+
+
 MEASURE = textwrap.dedent("""
     import json, re, sys
     import torch

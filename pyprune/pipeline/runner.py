@@ -121,7 +121,7 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
         activations = dict(store.describe(), estimate=estimate)
         if options.show_progress and (dist is None or dist.is_main):
             tqdm.write(format_estimate(estimate, options.activations, device, shape, dtype), file=sys.stderr)
-        with layer_io.capturing() if layer_io is not None else contextlib.nullcontext():
+        with layer_io.capturing(local_tokens) if layer_io is not None else contextlib.nullcontext():
             fresh, kwargs = store.capture(model, local_tokens, options.batch_size)
         inputs = fresh if inputs is None else store.adopt(inputs)
 

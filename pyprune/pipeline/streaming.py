@@ -118,9 +118,20 @@ class CheckpointIndex:
     def read(self, key: str) -> torch.Tensor:
         """One tensor, read with plain file I/O into its own memory."""
         e = self.entries[key]
-        out = torch.empty(e.end - e.begin, dtype=torch.uint8)
+        return self._read_bytes(key, e.begin, e.end - e.begin).view(e.dtype).reshape(e.shape)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of a tensor."""
+        e = self.entries[key]
+        row = (e.end - e.begin) // max(e.shape[0], 1)
+        return self._read_bytes(key, e.begin + start * row, (stop - start) * row).view(e.dtype).reshape(
+            (stop - start,) + e.shape[1:])
+
+    def _read_bytes(self, key, offset, count) -> torch.Tensor:
+        e = self.entries[key]
+        out = torch.empty(count, dtype=torch.uint8)
         with open(e.path, "rb") as f:
-            f.seek(e.begin)
+            f.seek(offset)
             view = memoryview(out.numpy())
             done = 0
             while done < len(view):
@@ -128,12 +139,36 @@ class CheckpointIndex:
                 if not n:
                     raise ValueError(f"{e.path}: file ends inside tensor {key}; the checkpoint is truncated")
                 done += n
-        return out.view(e.dtype).reshape(e.shape)
+        return out
+
+
+class StoredTensor:
+    """A tensor of a checkpoint, read in blocks of rows when written out (a copy of a large tensor,
+    such as an embedding, never holds it whole)."""
+
+    def __init__(self, index: CheckpointIndex, key: str, block_bytes: int = 64 << 20):
+        self.index, self.key, self.block_bytes = index, key, block_bytes
+        entry = index.entries[key]
+        self.shape, self.dtype = torch.Size(entry.shape), entry.dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def blocks(self):
+        rows = self.shape[0] if len(self.shape) else 1
+        if len(self.shape) == 0:
+            yield self.index.read(self.key)
+            return
+        per_row = max(1, self.index.nbytes(self.key) // max(rows, 1))
+        step = max(1, self.block_bytes // per_row)
+        for start in range(0, rows, step):
+            yield self.index.read_rows(self.key, start, min(rows, start + step))
 
 
 def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], dtypes: Dict[str, torch.dtype]):
-    """Write ``tensors`` (each converted to ``dtypes[name]`` on the fly, one at a time) as one
-    safetensors file; written to a temporary name, then renamed."""
+    """Write ``tensors`` (each converted to ``dtypes[name]`` on the fly, one at a time; a
+    :class:`StoredTensor` block by block) as one safetensors file; written to a temporary name,
+    then renamed."""
     header, offset = {}, 0
     for name, t in tensors.items():
         dtype = dtypes[name]
@@ -148,9 +183,10 @@ def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], dtypes: Dict[
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, t in tensors.items():
-            data = t.detach().to("cpu", dtypes[name]).contiguous()
-            if data.numel():
-                f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            for block in (t.blocks() if isinstance(t, StoredTensor) else (t,)):
+                data = block.detach().to("cpu", dtypes[name]).contiguous()
+                if data.numel():
+                    f.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
     os.replace(tmp, path)  # a killed process leaves either the old file or the complete new one
 
 
@@ -294,8 +330,6 @@ class LayerStreamer:
     how many layers this call may load before raising :class:`PauseRun`.
     """
 
-    saves_weights = True  # the output shards are the pruned weights: the progress folder need not hold them
-
     def __init__(self, model, model_dir: str, out_dir: str, save_dtype=None, writer: bool = True,
                  max_layers: Optional[int] = None):
         self.model = model
@@ -393,16 +427,22 @@ class LayerStreamer:
 
     # -- the pipeline hooks
     @contextlib.contextmanager
-    def capturing(self):
+    def capturing(self, tokens: Optional[torch.Tensor] = None):
         """Everything that runs before decoder layer 0 is loaded for the duration; the output
-        head is swapped for a placeholder so that no code touches its meta tensors."""
+        head is swapped for a placeholder so that no code touches its meta tensors. With the
+        calibration ``tokens``, the token embedding gets only their rows (the other rows are
+        allocated but never written or read, so they take no memory)."""
         head = self._head_slot()
-        for key in self.capture_keys:
-            self._load(key)
-        if head is not None:
-            original = getattr(head[0], head[1])
-            setattr(head[0], head[1], nn.Identity())
+        embedding = self._embedding_key() if tokens is not None else None
+        original = getattr(head[0], head[1]) if head is not None else None
         try:
+            for key in self.capture_keys:
+                if key == embedding:
+                    self._load_rows(key, tokens)
+                else:
+                    self._load(key)
+            if head is not None:
+                setattr(head[0], head[1], nn.Identity())
             yield
         finally:
             if head is not None:
@@ -410,6 +450,32 @@ class LayerStreamer:
             for key in self.capture_keys:
                 _release_tensor(self.model, self.to_model[key])
             trim_heap()
+
+    def _embedding_key(self) -> Optional[str]:
+        """The checkpoint key of the token embedding's weight (None when it cannot be told)."""
+        get = getattr(self.model, "get_input_embeddings", None)
+        embed = get() if get is not None else None
+        if not isinstance(embed, nn.Embedding):
+            return None
+        name = next((n for n, m in self.model.named_modules() if m is embed and n), None)
+        wanted = f"{name}.weight" if name else None
+        return next((k for k, v in self.to_model.items() if v == wanted), None)
+
+    def _load_rows(self, key: str, tokens: torch.Tensor):
+        entry = self.index.entries[key]
+        weight = torch.empty(entry.shape, dtype=self.compute_dtype if entry.dtype.is_floating_point else entry.dtype)
+        ids = torch.unique(tokens.reshape(-1)).tolist()
+        if ids and (ids[0] < 0 or ids[-1] >= entry.shape[0]):
+            raise ValueError(f"calibration token ids span {ids[0]}..{ids[-1]}, outside the vocabulary of "
+                             f"{entry.shape[0]} rows of {key}")
+        start = 0
+        while start < len(ids):  # runs of consecutive ids are read together
+            stop = start + 1
+            while stop < len(ids) and ids[stop] == ids[stop - 1] + 1:
+                stop += 1
+            weight[ids[start]:ids[stop - 1] + 1] = self.index.read_rows(key, ids[start], ids[stop - 1] + 1)
+            start = stop
+        _set_tensor(self.model, self.to_model[key], weight)
 
     def load_layer(self, index: int) -> nn.Module:
         if self.max_layers is not None and self.loaded >= self.max_layers:
@@ -430,7 +496,7 @@ class LayerStreamer:
             tensors, dtypes = {}, {}
             for key in self.layer_keys[index]:
                 name = self.to_model[key]
-                tensors[key] = own[name[len(prefix):]] if name is not None else self.index.read(key)
+                tensors[key] = own[name[len(prefix):]] if name is not None else StoredTensor(self.index, key)
                 dtypes[key] = self._dtype_for(key)
             os.makedirs(self.out_dir, exist_ok=True)
             write_safetensors(os.path.join(self.out_dir, self.layer_file(index)), tensors, dtypes)
@@ -448,10 +514,9 @@ class LayerStreamer:
             return
         weight_map, total = {}, 0
         for group, keys in enumerate(self.other_groups):
-            tensors = {key: self.index.read(key) for key in keys}
+            tensors = {key: StoredTensor(self.index, key) for key in keys}
             write_safetensors(os.path.join(self.out_dir, self.other_file(group)), tensors,
                               {key: self._dtype_for(key) for key in keys})
-            del tensors
             weight_map.update({key: self.other_file(group) for key in keys})
         for index, keys in enumerate(self.layer_keys):
             path = os.path.join(self.out_dir, self.layer_file(index))
