@@ -48,8 +48,8 @@ def cusolver_library():
 
 
 # Real architectures compiled (SASS) plus PTX of the newest for later GPUs. No Hopper-only
-# instructions are used, so there is no sm_90a target.
-ARCHS = ("80", "90")
+# instructions are used, so there is no sm_90a target. PYPRUNE_CUDA_ARCHS="90" builds fewer (faster).
+ARCHS = tuple(os.environ.get("PYPRUNE_CUDA_ARCHS", "80 90").split())
 
 
 def cuda_extension():
