@@ -70,7 +70,9 @@ def rel_err(y, ref):
 
 
 # ---------------------------------------------------------------- GPU half: kernels ----------
-def bench_kernels_gpu(shapes, m_values):
+def bench_kernels_gpu(shapes, m_values, partial_path=None):
+    """Kernel rows (and the tuned configurations); rows so far go to ``partial_path`` after each
+    shape, so a run cut short still leaves its measurements."""
     import triton.testing
 
     from pyprune.triton_kernels import tuned_configs
@@ -99,6 +101,9 @@ def bench_kernels_gpu(shapes, m_values):
                 f"{f} {row[f + '_ms']:.4f} ms x{row[f + '_speedup']:.2f}" for f in FORMATS), flush=True)
         del mods, refs, w
         torch.cuda.empty_cache()
+        if partial_path:
+            with open(partial_path, "w") as f:
+                json.dump(rows, f, indent=1)
     tuned = {" ".join(map(str, key[:5])): repr(cfg) for key, cfg in tuned_configs().items()}
     return rows, tuned
 
@@ -379,7 +384,9 @@ def main(argv=None):
     m_values = [1, 16, 2048] if args.quick else M_VALUES
     new_tokens = 32 if args.quick else args.new_tokens
     if cuda:
-        kernels, tuned = bench_kernels_gpu(shapes, m_values)
+        os.makedirs(args.out_dir, exist_ok=True)
+        partial = os.path.join(args.out_dir, "serving_kernels_partial.json")
+        kernels, tuned = bench_kernels_gpu(shapes, m_values, partial)
         result["gpu_half"] = {"kernels": kernels, "tuned_configs": tuned}
         if not args.skip_decode:
             margs = dict(layers=args.e2e_layers, hidden=4096, inter=11008, heads=32, vocab=32000, dtype=torch.float16)

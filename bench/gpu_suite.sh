@@ -20,7 +20,11 @@ for step in $steps; do
       python3 -c "import torch, pyprune._C; print('extension ok', torch.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG" ;;
     tests)
       phase tests
-      PYPRUNE_EXPECT_EXTENSION=1 timeout 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tail -40 | tee -a "$LOG" ;;
+      # Worker processes (pytest-xdist, when installed): a crashing test is reported, the rest still run.
+      xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+      PYPRUNE_EXPECT_EXTENSION=1 timeout ${TEST_TIMEOUT:-240} python3 -X faulthandler -m pytest -rfE -m cuda -p no:cacheprovider $xdist tests \
+        > "$OUT/tests.txt" 2>&1
+      tail -25 "$OUT/tests.txt" | tee -a "$LOG" ;;
     selfcheck)
       phase selfcheck
       timeout 120 python3 -m pyprune.triton_kernels.selfcheck 2>&1 | tail -15 | tee -a "$LOG" ;;
@@ -29,7 +33,7 @@ for step in $steps; do
       timeout 300 python3 bench/bench_solver_kernels.py --repeats 5 --budget 8 --out "$OUT/results" 2>&1 | tail -60 | tee -a "$LOG" ;;
     serving)
       phase serving
-      timeout 500 python3 bench/bench_serving_kernels.py --out-dir "$OUT/results" 2>&1 | tail -60 | tee -a "$LOG" ;;
+      timeout ${SERVING_TIMEOUT:-500} python3 bench/bench_serving_kernels.py --out-dir "$OUT/results" 2>&1 | tail -60 | tee -a "$LOG" ;;
     serving-quick)
       phase serving-quick
       timeout 200 python3 bench/bench_serving_kernels.py --quick --e2e-layers 8 --out-dir "$OUT/results" 2>&1 | tail -40 | tee -a "$LOG" ;;
