@@ -83,9 +83,11 @@ def cuda_extension():
         libraries=[lib_name],
         # rpath: `import pyprune._C` works before `import torch` (the module then imports torch).
         extra_link_args=[f"-Wl,-rpath,{d}" for d in [lib_dir] + library_paths()],
+        # No -std flag: torch's cpp_extension adds the standard its own build uses (C++20 for
+        # torch 2.14, C++17 for 2.11), so the bindings match the torch they load into.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],  # torch 2.14 headers need C++20
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "-lineinfo"] + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -31,6 +31,12 @@ for step in $steps; do
     solver)
       phase solver
       timeout 300 python3 bench/bench_solver_kernels.py --repeats 5 --budget 8 --out "$OUT/results" 2>&1 | tail -60 | tee -a "$LOG" ;;
+    admm-precision)
+      phase admm-precision
+      timeout 200 python3 bench/bench_admm_precision.py --out "$OUT/results" 2>&1 | tail -10 | tee -a "$LOG" ;;
+    bindings)
+      phase bindings
+      PYPRUNE_EXPECT_EXTENSION=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_extension_bindings.py 2>&1 | tail -15 | tee -a "$LOG" ;;
     serving)
       phase serving
       timeout ${SERVING_TIMEOUT:-500} python3 bench/bench_serving_kernels.py --out-dir "$OUT/results" 2>&1 | tail -60 | tee -a "$LOG" ;;

@@ -60,6 +60,8 @@ def _add_solver_args(p):
     g.add_argument("--admm-reselect", default="final", choices=["schedule", "final"],
                    help="gradual unstructured masks: follow the cubic schedule or re-select at the final sparsity")
     g.add_argument("--admm-per-row", action="store_true", help="gradual unstructured mask chosen per output row")
+    g.add_argument("--admm-precision", default="fp32", choices=["fp32", "tf32"],
+                   help="matmuls of the ADMM iterations on CUDA (tf32: tensor cores; the final solve stays fp32)")
     g.add_argument("--final-solve", dest="final_solve", action="store_true", default=True,
                    help="finish ADMM with the exact solve on the final mask (default)")
     g.add_argument("--no-final-solve", dest="final_solve", action="store_false")
@@ -286,7 +288,8 @@ def _solver_and_options(args, target):
     elif method == "admm":
         options = {"iters": args.admm_iters, "mask_steps": args.admm_mask_steps, "rho": args.admm_rho,
                    "damp": args.admm_damp, "mask": args.mask, "final_solve": args.final_solve,
-                   "per_row": args.admm_per_row, "reselect": args.admm_reselect}
+                   "per_row": args.admm_per_row, "reselect": args.admm_reselect,
+                   "precision": args.admm_precision}
     quantizer = None
     if args.wbits == 4:
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,

@@ -230,7 +230,7 @@ def test_registered_and_rejects_bad_options():
     for kwargs, text in [({"mask": "random"}, "mask='random'"), ({"reselect": "never"}, "reselect"),
                          ({"iters": 0}, "iters=0"), ({"mask_steps": 30}, "mask_steps=30"),
                          ({"rho": 0.0}, "rho=0.0"), ({"damp": -1.0}, "damp=-1.0"),
-                         ({"final_method": "lu"}, "final_method"),
+                         ({"final_method": "lu"}, "final_method"), ({"precision": "fp16"}, "precision='fp16'"),
                          ({"quant": object()}, "quantize")]:
         with pytest.raises(ValueError, match=text):
             admm.solve(W, stats, p, **kwargs)
@@ -238,3 +238,23 @@ def test_registered_and_rejects_bad_options():
         admm.solve(W, LayerStats(), p)
     with pytest.raises(ValueError, match="multiple of 8"):
         admm.solve(torch.randn(8, 12), LayerStats(torch.eye(12), 1), SparsityPattern(n=4, m=8))
+
+
+def test_tf32_precision_is_recorded_and_a_no_op_on_cpu():
+    W, stats = correlated_layer(rows=32, cols=64)
+    a = admm.solve(W, stats, SparsityPattern(0.6))
+    b = admm.solve(W, stats, SparsityPattern(0.6), precision="tf32")
+    assert b.info["precision"] == "tf32" and a.info["precision"] == "fp32"
+    assert torch.equal(a.pruned, b.pruned) and torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.cuda
+def test_tf32_iterations_stay_close_to_fp32_on_cuda():
+    W, stats = correlated_layer(rows=256, cols=512)
+    W, stats = W.cuda(), LayerStats(stats.H.cuda(), stats.nsamples)
+    before = torch.backends.cuda.matmul.allow_tf32
+    fp32 = admm.solve(W, stats, SparsityPattern(0.7), final_solve=False)
+    tf32 = admm.solve(W, stats, SparsityPattern(0.7), final_solve=False, precision="tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert (tf32.pruned != fp32.pruned).float().mean() < 0.02
+    assert tf32.loss < 1.02 * fp32.loss

@@ -19,12 +19,20 @@ def no_tf32():
     return _TF32Off()
 
 
+def tf32_matmuls(allowed: bool):
+    """Context manager that sets whether CUDA float32 matmuls may use TF32 (restored on exit)."""
+    return _TF32Off(allowed)
+
+
 class _TF32Off:
+    def __init__(self, allowed: bool = False):
+        self.allowed = allowed
+
     def __enter__(self):
         self._matmul = torch.backends.cuda.matmul.allow_tf32
         self._cudnn = torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = self.allowed
+        torch.backends.cudnn.allow_tf32 = self.allowed
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32 = self._matmul

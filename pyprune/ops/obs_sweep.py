@@ -74,7 +74,7 @@ def obs_sweep(
 
     with no_tf32():
         W = W.float().clone()
-        U = U.float()
+        U = U.float().contiguous()  # the kernel reads row-major blocks of U
         prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device) if pruned is None else pruned.clone()
         ngroups = cols // quant.groupsize if quant is not None else 0
         scales = None

@@ -37,7 +37,7 @@ import math
 import torch
 
 from pyprune.ops.admm_step import MODE_LAYER, admm_step, select_lowest
-from pyprune.ops.hessian import no_tf32
+from pyprune.ops.hessian import no_tf32, tf32_matmuls
 from pyprune.solvers import wanda
 from pyprune.solvers.base import LayerStats, SolverResult, reconstruction_loss
 from pyprune.solvers.pattern import SparsityPattern, select_pruned
@@ -45,6 +45,9 @@ from pyprune.solvers.pattern import SparsityPattern, select_pruned
 MASKS = ("gradual", "wanda", "magnitude")
 RESELECT = ("final", "schedule")
 FINAL_METHODS = ("cg", "cholesky")
+# Precision of the iteration matmuls on CUDA: "tf32" runs them on the tensor cores (about 8x the
+# fp32 rate on an H100); the factorisation and the final solve stay fp32. No effect on CPU.
+PRECISIONS = ("fp32", "tf32")
 
 # Conjugate-gradient final solve: stop at this masked residual relative to the masked
 # right-hand side, or after this many iterations.
@@ -69,6 +72,7 @@ def solve(
     per_row: bool = False,
     reselect: str = "final",
     final_method: str = "cg",
+    precision: str = "fp32",
     quant=None,
     **_,
 ) -> SolverResult:
@@ -80,7 +84,8 @@ def solve(
     ``MASKS``. ``final_solve``: finish with the exact solve on the final mask. ``per_row``: a
     gradual unstructured mask prunes the same fraction of every output row instead of choosing
     over the whole layer. ``reselect``: ``"final"`` or ``"schedule"`` (see the module docstring).
-    ``final_method``: ``"cg"`` or ``"cholesky"``.
+    ``final_method``: ``"cg"`` or ``"cholesky"``. ``precision``: one of ``PRECISIONS``, for the
+    matmuls of the ADMM iterations.
 
     ``info``: the options, ``admm_loss`` (loss of the ADMM iterate before the final solve),
     ``final_solve_gain`` (relative loss reduction by the final solve; it can be slightly negative
@@ -88,6 +93,8 @@ def solve(
     ``final_iterations`` / ``final_residual`` (CG), ``dead_inputs``.
     """
     _check_options(iters, mask_steps, rho, damp, mask, reselect, final_method, quant)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: allowed {', '.join(PRECISIONS)}")
     if stats is None or stats.H is None:
         raise ValueError("admm needs calibration statistics (a Hessian)")
     pattern.check_width(W.shape[1])
@@ -103,7 +110,8 @@ def solve(
             fixed = select_pruned(wanda.scores(W, LayerStats(H, stats.nsamples)), pattern, per_row=True)
         elif mask == "magnitude":
             fixed = select_pruned(W.abs().float(), pattern, per_row=False)
-        Z, pruned = _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect)
+        with tf32_matmuls(precision == "tf32"):
+            Z, pruned = _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect)
 
         W_admm = problem.to_original(Z, W.dtype)
         loss_admm = reconstruction_loss(W, W_admm, H)
@@ -115,6 +123,7 @@ def solve(
             "per_row": bool(per_row) if mask == "gradual" else None,
             "rho": rho,
             "damp": damp,
+            "precision": precision,
             "dead_inputs": int(problem.dead.sum()),
             "admm_loss": loss_admm,
             "final_solve": bool(final_solve),
