@@ -13,7 +13,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cstdio>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "pyprune_kernels.h"
@@ -22,29 +24,49 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Error messages are assembled from strings only. Streaming numbers (or shapes) through
+// std::ostream inside this module crashed on torch 2.11 (the numeric insert reached a locale
+// facet that was not set up for it), so numbers go through std::to_string / snprintf.
+std::string num(int64_t v) { return std::to_string(v); }
+std::string num(int v) { return std::to_string(v); }
+
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string dims(at::IntArrayRef d) {
+  std::string out = "[";
+  for (size_t i = 0; i < d.size(); ++i) out += (i ? ", " : "") + std::to_string(d[i]);
+  return out + "]";
+}
+
+std::string dev(const at::Tensor& t) { return t.device().str(); }
+
 void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, name, " must be ", c10::toString(want), ", got ", c10::toString(t.scalar_type()));
 }
 
 void check_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a matrix (2 dimensions), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be a matrix (2 dimensions), got shape ", dims(t.sizes()));
 }
 
 void check_shape(const at::Tensor& t, at::IntArrayRef want, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == want, name, " must have shape ", want, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == want, name, " must have shape ", dims(want), ", got ", dims(t.sizes()));
 }
 
 void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous, got strides ", dims(t.strides()));
 }
 
 // Row-major with unit column stride; rows may be strided (a column slice of a wider matrix).
 void check_unit_column_stride(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, name,
                     " must have unit column stride (a row-major matrix or a column slice of one), got strides ",
-                    t.strides());
+                    dims(t.strides()));
   TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) >= t.size(1), name, " has overlapping rows, strides ",
-                    t.strides());
+                    dims(t.strides()));
 }
 
 // All tensors on the same CUDA device; returns that device.
@@ -52,15 +74,15 @@ at::Device check_cuda(std::initializer_list<std::pair<const at::Tensor*, const c
   const at::Tensor* first = tensors.begin()->first;
   for (const auto& [t, name] : tensors) {
     TORCH_CHECK_VALUE(t->is_cuda(), name, " must be a CUDA tensor (pyprune._C kernels run on the GPU), got device ",
-                      t->device(), "; CPU tensors take the PyTorch reference in pyprune.ops");
+                      dev(*t), "; CPU tensors take the PyTorch reference in pyprune.ops");
     TORCH_CHECK_VALUE(t->device() == first->device(), "all tensors must be on one device: ", name, " is on ",
-                      t->device(), ", ", tensors.begin()->second, " on ", first->device());
+                      dev(*t), ", ", tensors.begin()->second, " on ", dev(*first));
   }
   return first->device();
 }
 
 void check_rc(int rc, const char* what) {
-  TORCH_CHECK(rc == PP_OK, "pyprune._C.", what, " failed: ", pp_error_string(rc), " (code ", rc, ")");
+  TORCH_CHECK(rc == PP_OK, "pyprune._C.", what, " failed: ", pp_error_string(rc), " (code ", num(rc), ")");
 }
 
 // ---- Hessian ------------------------------------------------------------------------------------
@@ -68,15 +90,15 @@ void check_rc(int rc, const char* what) {
 int64_t accumulate_hessian(at::Tensor H, const at::Tensor& x, int64_t nsamples) {
   check_dtype(H, at::kFloat, "H");
   check_matrix(H, "H");
-  TORCH_CHECK_VALUE(H.size(0) == H.size(1), "H must be square, got shape ", H.sizes());
+  TORCH_CHECK_VALUE(H.size(0) == H.size(1), "H must be square, got shape ", dims(H.sizes()));
   check_contiguous(H, "H");
   check_matrix(x, "x");
   const auto xt = x.scalar_type();
   TORCH_CHECK_TYPE(xt == at::kFloat || xt == at::kHalf || xt == at::kBFloat16,
-                   "x must be float32, float16 or bfloat16, got ", xt);
-  TORCH_CHECK_VALUE(x.size(1) == H.size(0), "x must be [tokens, ", H.size(0), "] to match H, got shape ", x.sizes());
+                   "x must be float32, float16 or bfloat16, got ", c10::toString(xt));
+  TORCH_CHECK_VALUE(x.size(1) == H.size(0), "x must be [tokens, ", num(H.size(0)), "] to match H, got shape ", dims(x.sizes()));
   check_contiguous(x, "x");
-  TORCH_CHECK_VALUE(nsamples >= 0, "nsamples must be >= 0, got ", nsamples);
+  TORCH_CHECK_VALUE(nsamples >= 0, "nsamples must be >= 0, got ", num(nsamples));
   const int64_t b = x.size(0);
   if (b == 0) return nsamples;
   check_cuda({{&H, "H"}, {&x, "x"}});
@@ -95,14 +117,14 @@ std::tuple<at::Tensor, at::Tensor, double, int64_t, int64_t> inverse_hessian_fac
                                                                                  int64_t max_attempts) {
   check_dtype(H, at::kFloat, "H");
   check_matrix(H, "H");
-  TORCH_CHECK_VALUE(H.size(0) == H.size(1), "H must be square, got shape ", H.sizes());
+  TORCH_CHECK_VALUE(H.size(0) == H.size(1), "H must be square, got shape ", dims(H.sizes()));
   check_contiguous(H, "H");
   const int64_t n = H.size(0);
   TORCH_CHECK_VALUE(n >= 1 && n <= 46340, "H must be between 1 x 1 and 46340 x 46340 (cuSOLVER 32-bit sizes), got ",
-                    H.sizes());
+                    dims(H.sizes()));
   TORCH_CHECK_VALUE(damp_fraction >= 0.0 && std::isfinite(damp_fraction),
-                    "damp_fraction must be finite and >= 0, got ", damp_fraction);
-  TORCH_CHECK_VALUE(max_attempts >= 0 && max_attempts <= 64, "max_attempts must be in [0, 64], got ", max_attempts);
+                    "damp_fraction must be finite and >= 0, got ", num(damp_fraction));
+  TORCH_CHECK_VALUE(max_attempts >= 0 && max_attempts <= 64, "max_attempts must be in [0, 64], got ", num(max_attempts));
   check_cuda({{&H, "H"}});
   const c10::cuda::CUDAGuard guard(H.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -131,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
   check_matrix(W1, "W1");
   check_unit_column_stride(W1, "W1");
   const int64_t rows = W1.size(0), count = W1.size(1);
-  TORCH_CHECK_VALUE(count >= 1 && count <= PP_OBS_MAX_COLS, "a block must have 1 to ", PP_OBS_MAX_COLS,
-                    " columns, got W1 of shape ", W1.sizes());
+  TORCH_CHECK_VALUE(count >= 1 && count <= PP_OBS_MAX_COLS, "a block must have 1 to ", num(PP_OBS_MAX_COLS),
+                    " columns, got W1 of shape ", dims(W1.sizes()));
   check_dtype(U1, at::kFloat, "U1");
   check_matrix(U1, "U1");
   check_shape(U1, {count, count}, "U1");
@@ -140,15 +162,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
   check_dtype(prune1, at::kBool, "prune1");
   check_shape(prune1, {rows, count}, "prune1");
   check_contiguous(prune1, "prune1");
-  TORCH_CHECK_VALUE(col0 >= 0, "col0 must be >= 0, got ", col0);
+  TORCH_CHECK_VALUE(col0 >= 0, "col0 must be >= 0, got ", num(col0));
   if (m != 0) {
     TORCH_CHECK_VALUE(m == 2 || m == 4 || m == 8 || m == 16 || m == 32,
-                      "N:M group size m must be 2, 4, 8, 16 or 32 for the kernel, got ", m);
-    TORCH_CHECK_VALUE(n > 0 && n < m, "N:M needs 0 < n < m, got ", n, ":", m);
-    TORCH_CHECK_VALUE(col0 % m == 0 && count % m == 0, "the block (col0 ", col0, ", ", count,
-                      " columns) must be aligned to N:M groups of ", m);
+                      "N:M group size m must be 2, 4, 8, 16 or 32 for the kernel, got ", num(m));
+    TORCH_CHECK_VALUE(n > 0 && n < m, "N:M needs 0 < n < m, got ", num(n), ":", num(m));
+    TORCH_CHECK_VALUE(col0 % m == 0 && count % m == 0, "the block (col0 ", num(col0), ", ", num(count),
+                      " columns) must be aligned to N:M groups of ", num(m));
   }
-  TORCH_CHECK_VALUE(groupsize >= 0, "groupsize must be >= 0 (0: no fitted scales), got ", groupsize);
+  TORCH_CHECK_VALUE(groupsize >= 0, "groupsize must be >= 0 (0: no fitted scales), got ", num(groupsize));
   TORCH_CHECK_VALUE(!(groupsize > 0 && static_scales.has_value()),
                     "give either groupsize > 0 (scales fitted in the sweep) or static_scales, not both");
 
@@ -160,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
     const int64_t beyond = nstarts > 0 ? last * groupsize + groupsize - (col0 + count) : 0;
     if (col0 % groupsize) {
       TORCH_CHECK_VALUE(carry_scale.has_value(), "carry_scale is required: the block starts inside a group (col0 ",
-                        col0, ", groupsize ", groupsize, ")");
+                        num(col0), ", groupsize ", num(groupsize), ")");
     }
     if (carry_scale.has_value()) {
       check_dtype(*carry_scale, at::kFloat, "carry_scale");
@@ -169,12 +191,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
       devs.push_back({&*carry_scale, "carry_scale"});
     }
     if (beyond > 0) {
-      TORCH_CHECK_VALUE(tail.has_value(), "tail is required: a group of ", groupsize, " columns starting in the block ",
-                        "continues ", beyond, " columns past it");
+      TORCH_CHECK_VALUE(tail.has_value(), "tail is required: a group of ", num(groupsize), " columns starting in the block ",
+                        "continues ", num(beyond), " columns past it");
       check_dtype(*tail, at::kFloat, "tail");
       check_matrix(*tail, "tail");
-      TORCH_CHECK_VALUE(tail->size(0) == rows && tail->size(1) >= beyond, "tail must be [", rows, ", >= ", beyond,
-                        "], got ", tail->sizes());
+      TORCH_CHECK_VALUE(tail->size(0) == rows && tail->size(1) >= beyond, "tail must be [", num(rows), ", >= ", num(beyond),
+                        "], got ", dims(tail->sizes()));
       check_unit_column_stride(*tail, "tail");
       devs.push_back({&*tail, "tail"});
     }
@@ -182,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
   if (static_scales.has_value()) {
     check_dtype(*static_scales, at::kFloat, "static_scales");
     check_matrix(*static_scales, "static_scales");
-    TORCH_CHECK_VALUE(static_scales->size(0) == rows, "static_scales must have ", rows, " rows, got ",
-                      static_scales->sizes());
+    TORCH_CHECK_VALUE(static_scales->size(0) == rows, "static_scales must have ", num(rows), " rows, got ",
+                      dims(static_scales->sizes()));
     check_unit_column_stride(*static_scales, "static_scales");
     TORCH_CHECK_VALUE(group_index.has_value(), "group_index is required with static_scales");
     check_dtype(*group_index, at::kInt, "group_index");
@@ -245,18 +267,18 @@ std::tuple<at::Tensor, at::Tensor> admm_step(const at::Tensor& W, at::Tensor U, 
   check_contiguous(pruned, "pruned");
   const int64_t rows = W.size(0), cols = W.size(1);
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 3,
-                    "mode must be 0 (per layer), 1 (per row), 2 (N:M) or 3 (fixed mask), got ", mode);
+                    "mode must be 0 (per layer), 1 (per row), 2 (N:M) or 3 (fixed mask), got ", num(mode));
   if (mode == PP_ADMM_LAYER) {
-    TORCH_CHECK_VALUE(k >= 0 && k <= rows * cols, "k=", k, " pruned weights is outside [0, ", rows * cols, "]");
+    TORCH_CHECK_VALUE(k >= 0 && k <= rows * cols, "k=", num(k), " pruned weights is outside [0, ", num(rows * cols), "]");
   } else if (mode == PP_ADMM_ROW) {
-    TORCH_CHECK_VALUE(k >= 0 && k <= cols, "k=", k, " pruned weights per row is outside [0, ", cols, "]");
-    TORCH_CHECK_VALUE(rows <= 0x7fffffff, "too many rows for the per-row kernel: ", rows);
+    TORCH_CHECK_VALUE(k >= 0 && k <= cols, "k=", num(k), " pruned weights per row is outside [0, ", num(cols), "]");
+    TORCH_CHECK_VALUE(rows <= 0x7fffffff, "too many rows for the per-row kernel: ", num(rows));
   } else if (mode == PP_ADMM_NM) {
-    TORCH_CHECK_VALUE(m >= 2 && m <= 64 && n >= 1 && n < m, "N:M = ", n, ":", m,
+    TORCH_CHECK_VALUE(m >= 2 && m <= 64 && n >= 1 && n < m, "N:M = ", num(n), ":", num(m),
                       " is not supported: need 0 < N < M <= 64");
-    TORCH_CHECK_VALUE(cols % m == 0, "N:M group size ", m, " must divide the width ", cols);
+    TORCH_CHECK_VALUE(cols % m == 0, "N:M group size ", num(m), " must divide the width ", num(cols));
   }
-  TORCH_CHECK_VALUE(std::isfinite(rho), "rho must be finite, got ", rho);
+  TORCH_CHECK_VALUE(std::isfinite(rho), "rho must be finite, got ", num(rho));
   check_cuda({{&W, "W"}, {&U, "U"}, {&pruned, "pruned"}});
   const c10::cuda::CUDAGuard guard(W.device());
   at::Tensor Z = at::empty_like(W);
