@@ -155,6 +155,36 @@ def test_activations_offloaded_to_cpu_give_the_same_result():
         assert torch.equal(x, y), name
 
 
+def test_statistics_stop_after_the_last_linear_input_with_the_same_hessians():
+    """stop_when_complete ends the forward once every Linear saw its input: same statistics,
+    and the last Linear (down_proj) never runs its product."""
+    from pyprune.models.capture import capture_layer0_inputs, run_layer
+    from pyprune.pipeline.statistics import HessianCollector, StatisticsComplete
+
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    inputs, kwargs = capture_layer0_inputs(model, calib(), "cpu", batch_size=2)
+    linears = prunable_linears(layer)
+    ran = []
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *a: ran.append(1))
+    stats = {}
+    for stop in (False, True):
+        with HessianCollector(linears, "cpu", stop_when_complete=stop) as collector:
+            for start in range(0, inputs.shape[0], 2):
+                collector.new_batch()
+                try:
+                    run_layer(layer, inputs[start:start + 2], kwargs[2])
+                    assert not stop, "the forward should have been stopped"
+                except StatisticsComplete:
+                    assert stop
+        stats[stop] = collector.stats
+    handle.remove()
+    assert len(ran) == inputs.shape[0] // 2  # only the full runs reached down_proj's product
+    for name in stats[False]:
+        assert torch.equal(stats[False][name].H, stats[True][name].H), name
+        assert stats[False][name].nsamples == stats[True][name].nsamples
+
+
 def test_linears_reading_the_same_input_share_exactly_its_hessian():
     """q/k/v (and gate/up) read one tensor; o_proj and down_proj read their own."""
     from pyprune.models.capture import capture_layer0_inputs, run_layer

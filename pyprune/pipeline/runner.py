@@ -25,7 +25,7 @@ from pyprune.models.families import (
 from pyprune.pipeline.activations import ActivationStore, check_storage, estimate_for_run, format_estimate
 from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
-from pyprune.pipeline.statistics import HessianCollector
+from pyprune.pipeline.statistics import HessianCollector, StatisticsComplete
 from pyprune.solvers import STATISTICS_FREE, get_solver
 from pyprune.solvers.base import LayerStats
 
@@ -172,11 +172,14 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
 
 
 def _collect_statistics(layer, linears, inputs, kwargs, batch_size, device, store):
-    with HessianCollector(linears, device) as collector:
+    with HessianCollector(linears, device, stop_when_complete=True) as collector:
         for start in range(0, inputs.shape[0], batch_size):
             collector.new_batch()
             batch = store.batch(inputs, start, batch_size, device)
-            run_layer(layer, batch, kwargs[batch.shape[0]])
+            try:
+                run_layer(layer, batch, kwargs[batch.shape[0]])
+            except StatisticsComplete:  # every Linear has its input: the rest is not needed
+                pass
     return collector.stats
 
 
