@@ -89,7 +89,7 @@ def table():
                      t.get("pruning_seconds", 0.0), t.get("eval_seconds"), b["peak_rss_mib"], b["threads"]))
     lines = ["# Protocol P1 on smollm2-135m (fp32, CPU)", "",
              "Calibration 32 x 2048 C4 tokens (seed 0); WikiText-2 test, first 40 windows of 2048 tokens.",
-             "Timings were taken on a shared 2-core machine with other jobs running: compare them loosely.", "",
+             "Timings were taken on a shared 2-core machine; threads 1 = two runs in parallel, 'default' = alone: compare loosely.", "",
              "| configuration | ppl | sparsity | bits/weight | prune s | eval s | peak RSS MiB | threads |",
              "|---|---|---|---|---|---|---|---|"]
     for name, ppl, sp, bits, ps, es, rss, th in rows:
