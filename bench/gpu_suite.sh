@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build pyprune._C, run the cuda-marked tests, the Triton self-check and the
 # kernel benchmarks. Logs and results go to $OUT (default ./gpu_out) as one tarball plus a log.
-#   bench/gpu_suite.sh [build] [tests] [selfcheck] [solver] [serving] [serving-quick]
+#   bench/gpu_suite.sh [build] [bindings] [tests] [selfcheck] [solver] [admm-precision] [serving] [serving-quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

@@ -24,9 +24,9 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// Error messages are assembled from strings only. Streaming numbers (or shapes) through
-// std::ostream inside this module crashed on torch 2.11 (the numeric insert reached a locale
-// facet that was not set up for it), so numbers go through std::to_string / snprintf.
+// Error messages are assembled from strings only: with torch 2.11, streaming a number (or a
+// shape) through std::ostream inside this module segfaulted in the numeric insert, so numbers go
+// through std::to_string / snprintf.
 std::string num(int64_t v) { return std::to_string(v); }
 std::string num(int v) { return std::to_string(v); }
 

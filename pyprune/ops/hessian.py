@@ -16,15 +16,15 @@ from pyprune.ops._extension import kernel_for
 
 def no_tf32():
     """Context manager that turns TF32 off for matmuls inside solvers."""
-    return _TF32Off()
+    return _TF32Mode()
 
 
 def tf32_matmuls(allowed: bool):
     """Context manager that sets whether CUDA float32 matmuls may use TF32 (restored on exit)."""
-    return _TF32Off(allowed)
+    return _TF32Mode(allowed)
 
 
-class _TF32Off:
+class _TF32Mode:
     def __init__(self, allowed: bool = False):
         self.allowed = allowed
 
