@@ -1,4 +1,7 @@
-"""Shared test utilities: tiny random models of every supported family and correlated inputs."""
+"""Shared test utilities: tiny random models of every supported family, correlated inputs, and
+a solver that dies mid-run (for the resume tests)."""
+import contextlib
+
 import torch
 
 
@@ -46,3 +49,28 @@ def tiny_model(family: str, seed: int = 0):
 
 
 FAMILIES = ("llama", "opt", "gpt_neox", "bloom", "gpt2")
+
+
+class Killed(Exception):
+    """What :func:`sparsegpt_killed_after` raises: a run killed part-way."""
+
+
+@contextlib.contextmanager
+def sparsegpt_killed_after(calls: int):
+    """Within the block, the registered ``sparsegpt`` solver works for ``calls`` calls and then
+    raises :class:`Killed`; the real solver is restored on exit."""
+    from pyprune.solvers import SOLVERS
+
+    original, done = SOLVERS["sparsegpt"], [0]
+
+    def dying(W, stats, pattern, **kw):
+        done[0] += 1
+        if done[0] > calls:
+            raise Killed
+        return original(W, stats, pattern, **kw)
+
+    SOLVERS["sparsegpt"] = dying
+    try:
+        yield
+    finally:
+        SOLVERS["sparsegpt"] = original

@@ -9,8 +9,8 @@ from pyprune.pipeline.activations import (
     ActivationStore, estimate_activation_memory, estimate_for_run, format_estimate,
 )
 from pyprune.schedule import UniformSchedule
-from pyprune.solvers import SOLVERS, SparsityPattern
-from tests.helpers import tiny_model
+from pyprune.solvers import SparsityPattern
+from tests.helpers import Killed, sparsegpt_killed_after, tiny_model
 
 
 def calib(nsamples=4, seqlen=32, seed=0):
@@ -93,25 +93,10 @@ def test_resume_with_disk_activations_is_bit_identical(tmp_path):
     reference = tiny_model("llama")
     run(reference, activations="disk", activations_dir=str(tmp_path / "act"))
 
-    class Killed(Exception):
-        pass
-
     model = tiny_model("llama")
     per_layer = len(prunable_linears(decoder_layers(model)[0]))
-    original, calls = SOLVERS["sparsegpt"], {"n": 0}
-
-    def dies_in_layer_1(W, stats, pattern, **kw):
-        calls["n"] += 1
-        if calls["n"] > per_layer:
-            raise Killed
-        return original(W, stats, pattern, **kw)
-
-    SOLVERS["sparsegpt"] = dies_in_layer_1
-    try:
-        with pytest.raises(Killed):
-            run(model, activations="disk", activations_dir=str(tmp_path / "act"), progress_dir=str(tmp_path / "p"))
-    finally:
-        SOLVERS["sparsegpt"] = original
+    with sparsegpt_killed_after(per_layer), pytest.raises(Killed):  # dies in layer 1
+        run(model, activations="disk", activations_dir=str(tmp_path / "act"), progress_dir=str(tmp_path / "p"))
     fresh = tiny_model("llama")
     result = run(fresh, activations="disk", activations_dir=str(tmp_path / "act"), progress_dir=str(tmp_path / "p"),
                  resume=True)

@@ -5,7 +5,7 @@ from pyprune.models import UnsupportedModelError, decoder_layers, prunable_linea
 from pyprune.pipeline import RunOptions, prune_model
 from pyprune.schedule import UniformSchedule
 from pyprune.solvers import SOLVERS, SparsityPattern
-from tests.helpers import FAMILIES, tiny_model
+from tests.helpers import FAMILIES, Killed, sparsegpt_killed_after, tiny_model
 
 
 def calib(nsamples=4, seqlen=32, seed=0):
@@ -69,31 +69,14 @@ def test_layers_see_inputs_of_already_pruned_layers():
     assert not torch.allclose(seen[per_layer], seen_dense[per_layer], rtol=1e-3)  # layer 1 differs
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_after_a_kill_gives_bit_identical_weights(tmp_path):
     reference = tiny_model("llama")
     run(reference)
 
     model = tiny_model("llama")
-    calls = {"n": 0}
-    original = SOLVERS["sparsegpt"]
     per_layer = len(prunable_linears(decoder_layers(model)[0]))
-
-    def dies_in_layer_1(W, stats, pattern, **kw):
-        calls["n"] += 1
-        if calls["n"] > per_layer:
-            raise Killed
-        return original(W, stats, pattern, **kw)
-
-    SOLVERS["sparsegpt"] = dies_in_layer_1
-    try:
-        with pytest.raises(Killed):
-            run(model, progress_dir=str(tmp_path / "p"))
-    finally:
-        SOLVERS["sparsegpt"] = original
+    with sparsegpt_killed_after(per_layer), pytest.raises(Killed):  # dies in layer 1
+        run(model, progress_dir=str(tmp_path / "p"))
 
     fresh = tiny_model("llama")  # a new process would start from the dense checkpoint
     result = run(fresh, progress_dir=str(tmp_path / "p"), resume=True)

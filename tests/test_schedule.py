@@ -13,8 +13,8 @@ from pyprune.schedule import HessianSchedule, OWLSchedule, make_schedule
 from pyprune.schedule.estimate import estimate_linears, obs_error, obs_error_curve, obs_scores
 from pyprune.schedule.levels import allocate, cluster_1d, fit_mean, weighted_mean
 from pyprune.schedule.owl import outlier_ratio, owl_sparsities
-from pyprune.solvers import SOLVERS, LayerStats, SparsityPattern, sparsegpt
-from tests.helpers import correlated_inputs, tiny_model
+from pyprune.solvers import LayerStats, SparsityPattern, sparsegpt
+from tests.helpers import Killed, correlated_inputs, sparsegpt_killed_after, tiny_model
 
 
 def stats_of(X):
@@ -349,10 +349,6 @@ def test_prepass_honours_the_activation_storage(tmp_path, storage):
     assert not list(tmp_path.glob("**/*.bin"))  # disk buffers removed
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("name", ["hessian", "owl"])
 def test_resume_keeps_the_same_allocation(tmp_path, name):
     reference = deep_llama()
@@ -360,22 +356,9 @@ def test_resume_keeps_the_same_allocation(tmp_path, name):
     prune_model(reference, calib(), "sparsegpt", ref_schedule, {}, options())
 
     per_layer = len(prunable_linears(decoder_layers(reference)[0]))
-    calls = {"n": 0}
-    original = SOLVERS["sparsegpt"]
-
-    def dies_in_layer_2(W, stats, pattern, **kw):
-        calls["n"] += 1
-        if calls["n"] > 2 * per_layer:
-            raise Killed
-        return original(W, stats, pattern, **kw)
-
-    SOLVERS["sparsegpt"] = dies_in_layer_2
-    try:
-        with pytest.raises(Killed):
-            prune_model(deep_llama(), calib(), "sparsegpt", make_schedule(name, 0.7, levels=3), {},
-                        options(progress_dir=str(tmp_path / "p")))
-    finally:
-        SOLVERS["sparsegpt"] = original
+    with sparsegpt_killed_after(2 * per_layer), pytest.raises(Killed):  # dies in layer 2
+        prune_model(deep_llama(), calib(), "sparsegpt", make_schedule(name, 0.7, levels=3), {},
+                    options(progress_dir=str(tmp_path / "p")))
 
     fresh, schedule = deep_llama(), make_schedule(name, 0.7, levels=3)
     result = prune_model(fresh, calib(), "sparsegpt", schedule, {},

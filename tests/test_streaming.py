@@ -11,8 +11,8 @@ from pyprune.models import decoder_layers, prunable_linears
 from pyprune.pipeline import RunOptions, prune_model
 from pyprune.pipeline.streaming import INDEX_NAME, CheckpointIndex, prune_streamed, read_header
 from pyprune.schedule import UniformSchedule
-from pyprune.solvers import SOLVERS, SparsityPattern
-from tests.helpers import tiny_model
+from pyprune.solvers import SparsityPattern
+from tests.helpers import Killed, sparsegpt_killed_after, tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,29 +99,13 @@ def test_each_decoder_layer_is_written_to_its_own_shard(tmp_path):
         assert all(k.startswith(f"model.layers.{i}.") for k in header if k != "__metadata__")
 
 
-class Killed(Exception):
-    pass
-
-
 def test_a_killed_streamed_run_resumes_from_the_last_written_layer(tmp_path):
     source = save_sharded("llama", tmp_path / "source")
     reference = in_memory_reference(source)
     per_layer = len(prunable_linears(decoder_layers(reference)[0]))
-    original, calls = SOLVERS["sparsegpt"], {"n": 0}
-
-    def dies_in_layer_1(W, stats, pattern, **kw):
-        calls["n"] += 1
-        if calls["n"] > per_layer:
-            raise Killed
-        return original(W, stats, pattern, **kw)
-
     out, progress = tmp_path / "out", str(tmp_path / "progress")
-    SOLVERS["sparsegpt"] = dies_in_layer_1
-    try:
-        with pytest.raises(Killed):
-            prune_streamed(source, str(out), calib(), "sparsegpt", schedule(), {}, options(progress_dir=progress))
-    finally:
-        SOLVERS["sparsegpt"] = original
+    with sparsegpt_killed_after(per_layer), pytest.raises(Killed):  # dies in layer 1
+        prune_streamed(source, str(out), calib(), "sparsegpt", schedule(), {}, options(progress_dir=progress))
     assert not (out / INDEX_NAME).exists()  # an incomplete output is not a checkpoint
     result = prune_streamed(source, str(out), calib(), "sparsegpt", schedule(), {},
                             options(progress_dir=progress, resume=True))
