@@ -155,10 +155,10 @@ class StoredTensor:
         return self.shape.numel()
 
     def blocks(self):
-        rows = self.shape[0] if len(self.shape) else 1
         if len(self.shape) == 0:
             yield self.index.read(self.key)
             return
+        rows = self.shape[0]
         per_row = max(1, self.index.nbytes(self.key) // max(rows, 1))
         step = max(1, self.block_bytes // per_row)
         for start in range(0, rows, step):
