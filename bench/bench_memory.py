@@ -86,7 +86,7 @@ def worker(spec: dict) -> dict:
     schedule = UniformSchedule(SparsityPattern.parse(spec["pattern"]))
     options = RunOptions(device="cpu", activations=spec["activations"], activations_dir=spec.get("activations_dir"),
                          batch_size=1, show_progress=False, progress_dir=spec.get("progress_dir"),
-                         resume=spec.get("resume", False))
+                         resume=spec.get("resume", False), layer_loss=spec.get("layer_loss", True))
     t1 = time.time()
     if spec["mode"] == "in-memory":
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
@@ -244,11 +244,13 @@ def part_synthetic(args) -> dict:
         params = size // 2
         out = folder + "-pruned"
         name = f"synthetic llama {params / 1e9:.1f}B streamed {method}" + (
-            f", first {args.max_layers} layers" if args.max_layers else "") + f", {args.activations} activations"
+            f", first {args.max_layers} layers" if args.max_layers else "") + f", {args.activations} activations" + (
+            "" if args.layer_loss or method != "wanda" else ", no layer loss (input norms only)")
         spec = dict(name=name, mode="streamed", model_dir=folder, out=out, method=method, pattern="0.5",
                     nsamples=args.nsamples, seqlen=args.seqlen, calibration="random",
                     vocab_size=SYNTHETIC["vocab_size"], dtype=args.dtype, activations=args.activations,
-                    activations_dir=os.path.join(args.workdir, "pyprune-activations"), max_layers=args.max_layers)
+                    activations_dir=os.path.join(args.workdir, "pyprune-activations"), max_layers=args.max_layers,
+                    layer_loss=args.layer_loss)
         print(f"running {name} ...", flush=True)
         case = dict(run_case(spec), model=f"synthetic LLaMA {params / 1e9:.2f} B (fp16 shards, {args.dtype} compute)",
                     size_on_disk=size, calibration=f"random {args.nsamples}x{args.seqlen}" if method != "magnitude"
@@ -428,6 +430,8 @@ def main(argv=None):
     p.add_argument("--activations", default="cpu", choices=["device", "cpu", "disk"], help="synthetic part")
     p.add_argument("--dtype", default="bfloat16", help="synthetic part: compute dtype")
     p.add_argument("--max-layers", type=int, default=None, help="synthetic part: stop after this many layers")
+    p.add_argument("--no-layer-loss", dest="layer_loss", action="store_false",
+                   help="synthetic part: wanda collects input norms only, no Hessians (pyprune prune --no-layer-loss)")
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="where models and outputs are written")
     p.add_argument("--keep", action="store_true", help="synthetic part: keep the generated model")
     p.add_argument("--eval-windows", type=int, default=40, help="gloo part: WikiText-2 windows of 2048 tokens")

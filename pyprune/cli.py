@@ -45,6 +45,9 @@ def _add_calibration_args(p):
     g.add_argument("--calib-temperature", type=float, default=None, help="self-calibration temperature (1.0)")
     g.add_argument("--calib-top-p", type=float, default=None, help="self-calibration nucleus top-p (0.95)")
     g.add_argument("--calib-batch-size", type=int, default=None, help="self-calibration sequences per batch (8)")
+    g.add_argument("--sink-weight", type=float, default=1.0,
+                   help="the first token of each window (the attention sink, read by every later token) counts "
+                        "as this many tokens in the Hessians and input norms (default 1)")
 
 
 def _add_solver_args(p):
@@ -112,6 +115,10 @@ def build_parser():
     p.add_argument("--progress-dir", default=None,
                    help="folder for per-layer progress (default: SAVE.progress when --save is given)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its progress folder")
+    p.add_argument("--no-layer-loss", dest="layer_loss", action="store_false",
+                   help="do not collect full Hessians only to report each Linear's reconstruction loss: "
+                        "wanda then keeps its input norms (in_features numbers per Linear instead of "
+                        "in_features^2, e.g. 0.3 GiB less for an 8640-wide Linear)")
     _add_calibration_args(p)
     _add_solver_args(p)
     _add_schedule_args(p)
@@ -216,7 +223,9 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
     """Everything checkable without the model's weights, so bad input fails in seconds."""
     from pyprune.data.calibration import check_window_args
     from pyprune.data.text import local_files
+    from pyprune.pipeline.statistics import check_sink_weight
 
+    check_sink_weight(args.sink_weight)
     if needs_calibration:
         check_window_args(args.nsamples, args.seqlen)
         if calib == "self":
@@ -321,13 +330,14 @@ def cmd_prune(args):
     from pyprune.pipeline import RunOptions, prune_model
     from pyprune.pipeline.report import totals, versions, write_report
     from pyprune.schedule import make_schedule
-    from pyprune.solvers import STATISTICS_FREE
+    from pyprune.solvers import statistics_needed
 
     target = _target(args)
     schedule = make_schedule(args.schedule, target, sparsity_range=tuple(args.sparsity_range), levels=args.levels,
                              granularity=args.schedule_granularity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                              damp=args.damp)
-    needs_calibration = args.method not in STATISTICS_FREE or (args.wbits == 4 and args.quant_method == "gptq") \
+    solver_reads = None if args.method == "none" else statistics_needed(args.method)
+    needs_calibration = solver_reads is not None or (args.wbits == 4 and args.quant_method == "gptq") \
         or args.schedule != "uniform"
     calib = _calibration_source(args) if needs_calibration else None
     _check_inputs_before_loading(args, target, needs_calibration, calib)
@@ -367,7 +377,8 @@ def cmd_prune(args):
         tokens, calib_info = _calibration_tokens(args, calib, model, tokenizer, device, progress_dir)
     options = RunOptions(device=device, activations=args.activations, activations_dir=args.activations_dir,
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
-                         show_progress=not args.quiet, distributed=distributed,
+                         show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,
+                         sink_weight=args.sink_weight,
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
     if args.stream:

@@ -197,3 +197,74 @@ def test_linears_reading_the_same_input_share_exactly_its_hessian():
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[name]])
         direct = 2.0 / x.shape[0] * x.T @ x
         assert torch.allclose(H[name], direct, rtol=1e-4, atol=1e-6), name
+
+
+def test_wanda_without_layer_loss_keeps_only_input_norms_and_the_same_masks():
+    """--no-layer-loss: wanda's statistics are the Hessian's diagonal alone; the masks agree with
+    the full-Hessian run and the per-Linear loss is not reported."""
+    from pyprune.pipeline.runner import statistics_kind
+
+    full, diag = tiny_model("llama"), tiny_model("llama")
+    seen = []
+
+    def wanda_recording(W, stats, pattern, **options):
+        seen.append((stats.H is None, tuple(stats.diagonal.shape) if stats.diagonal is not None else None))
+        return SOLVERS["wanda"](W, stats, pattern, **options)
+
+    wanda_recording.statistics = "input_norms"
+    a = run(full, method="wanda")
+    b = run(diag, method=wanda_recording, layer_loss=False)
+    assert seen and all(no_hessian and shape is not None for no_hessian, shape in seen)
+    for (name, x), (_, y) in zip(full.state_dict().items(), diag.state_dict().items()):
+        assert torch.equal(x == 0, y == 0), name
+    assert all(r["loss"] == r["loss"] for r in a["records"])  # finite with the Hessian
+    assert all(r["loss"] != r["loss"] for r in b["records"])  # nan without it
+    schedule = UniformSchedule(SparsityPattern(sparsity=0.5))
+    assert statistics_kind("wanda", schedule, None, layer_loss=True) == "hessian"
+    assert statistics_kind("wanda", schedule, None, layer_loss=False) == "input_norms"
+    assert statistics_kind("sparsegpt", schedule, None, layer_loss=False) == "hessian"
+    assert statistics_kind("magnitude", schedule, None, layer_loss=True) is None
+
+
+def test_quantization_only_with_rtn_needs_no_calibration():
+    from pyprune.solvers.quantize import LayerQuantizer, no_pruning
+
+    model = tiny_model("llama")
+    quantizer = LayerQuantizer("rtn", groupsize=-1)
+    result = prune_model(model, None, no_pruning, UniformSchedule(SparsityPattern(sparsity=0.0)), {},
+                         RunOptions(show_progress=False), post_solve=quantizer)
+    assert len(result["records"]) == len(quantizer.results) > 0
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prune_model(tiny_model("llama"), None, no_pruning, UniformSchedule(SparsityPattern(sparsity=0.0)), {},
+                    RunOptions(show_progress=False), post_solve=LayerQuantizer("gptq", groupsize=-1))
+
+
+def test_sink_weight_counts_the_first_token_of_each_window_that_many_times():
+    from pyprune.models.capture import capture_layer0_inputs, run_layer
+    from pyprune.pipeline.statistics import HessianCollector, InputNormCollector, check_sink_weight
+
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    inputs, kwargs = capture_layer0_inputs(model, calib(), "cpu", batch_size=2)
+    linears = prunable_linears(layer)
+    collected = {}
+    for key, cls, weight in (("plain", HessianCollector, 1.0), ("sink", HessianCollector, 9.0),
+                             ("norms", InputNormCollector, 9.0)):
+        with cls(linears, "cpu", sink_weight=weight) as collector:
+            for start in range(0, inputs.shape[0], 2):
+                collector.new_batch()
+                run_layer(layer, inputs[start:start + 2], kwargs[2])
+        collected[key] = collector.stats
+    x = inputs.double()  # q_proj reads the normalised hidden states: recompute them for the check
+    x = layer.input_layernorm(x.float()).double()
+    n = x.shape[0] * x.shape[1]
+    plain = 2.0 / n * torch.einsum("bti,btj->ij", x, x)
+    first = 2.0 / n * torch.einsum("bi,bj->ij", x[:, 0], x[:, 0])
+    torch.testing.assert_close(collected["plain"]["self_attn.q_proj"].H.double(), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(collected["sink"]["self_attn.q_proj"].H.double(), plain + 8 * first, rtol=1e-5, atol=1e-6)
+    for name, stats in collected["sink"].items():  # the diagonal-only collector agrees with the Hessian's diagonal
+        torch.testing.assert_close(collected["norms"][name].diagonal, torch.diag(stats.H), rtol=1e-5, atol=1e-7)
+        assert collected["norms"][name].nsamples == stats.nsamples
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="sink_weight"):
+            check_sink_weight(bad)

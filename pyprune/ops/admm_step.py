@@ -13,9 +13,8 @@ The mask is chosen on ``|W + U|`` by one of four selections (the ``mode`` of the
     2  N:M: the ``m - n`` lowest of every group of ``m`` consecutive columns of a row
     3  a fixed mask given by the caller
 
-Selection follows :func:`pyprune.solvers.pattern.select_pruned`: the same sets, exact counts,
-ties broken by position (lowest index pruned first). This module sits in ``ops`` and so cannot
-import from ``solvers``; the tests check the two agree.
+Selection is :func:`pyprune.ops.selection.select_lowest`, the rule every solver uses: exact
+counts, ties broken by position (lowest index pruned first).
 
 The CUDA kernel of ``pyprune._C`` (``admm_step``) is used for contiguous float32 CUDA tensors
 when the extension provides it; otherwise the PyTorch reference runs.
@@ -25,8 +24,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyprune.ops._extension import kernel_for
+from pyprune.ops.selection import MODE_LAYER, MODE_NM, MODE_ROW, select_lowest
 
-MODE_LAYER, MODE_ROW, MODE_NM, MODE_FIXED = 0, 1, 2, 3
+MODE_FIXED = 3
 
 
 class AdmmStep(NamedTuple):
@@ -78,39 +78,6 @@ def admm_step_reference(W, U, rho, mode, k, n, m, pruned) -> AdmmStep:
     Z = V.masked_fill(pruned, 0.0)
     U.add_(W).sub_(Z)
     return AdmmStep(Z, U, float(rho) * (Z - U), pruned)
-
-
-def select_lowest(score: torch.Tensor, mode: int, k: int = 0, n: int = 0, m: int = 0) -> torch.Tensor:
-    """Bool mask of the lowest scores: the selection rule of ``select_pruned``.
-
-    Modes 0/1 find the k-th smallest value (``kthvalue`` costs a fraction of a large ``topk``),
-    prune everything below it and fill the count up with the tied entries of lowest position.
-    """
-    rows, cols = score.shape
-    if mode == MODE_NM:
-        pruned = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-        groups = score.reshape(rows, cols // m, m)
-        drop = torch.topk(groups, m - n, dim=2, largest=False).indices
-        pruned.view(rows, cols // m, m).scatter_(2, drop, True)
-        return pruned
-    if mode == MODE_ROW:
-        if k == 0:
-            return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-        return _below_kth(score, k)
-    if k == 0:
-        return torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-    return _below_kth(score.reshape(1, -1), k).reshape(score.shape)
-
-
-def _below_kth(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of ``score``, exactly ``k`` entries: those below the k-th smallest, then ties by position."""
-    kth = torch.kthvalue(score, k, dim=1, keepdim=True).values
-    pruned = score < kth
-    tied = score == kth
-    missing = k - pruned.sum(1, keepdim=True)
-    if bool((tied.sum(1, keepdim=True) == missing).all()):  # the usual case: no surplus ties
-        return pruned | tied
-    return pruned | (tied & (torch.cumsum(tied, dim=1) <= missing))
 
 
 def _selection(W, k, per_row, nm, pruned):

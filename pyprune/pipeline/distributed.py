@@ -61,10 +61,32 @@ class DistributedPruning:
 
     # -- statistics -------------------------------------------------------------------------
     def reduce_statistics(self, stats: Dict[str, object]):
-        """Replace each rank's :class:`LayerStats` by the statistics of all ranks' tokens."""
-        names = [n for n, s in stats.items() if s is not None and s.H is not None]
+        """Replace each rank's :class:`LayerStats` by the statistics of all ranks' tokens
+        (the Hessian, or only its diagonal when that is all that was collected)."""
+        names = [n for n, s in stats.items() if s is not None and _statistic(s) is not None]
         if not names:
             return stats
+        # Linears whose statistics are equal on *every* rank share one reduction.
+        same = [1 if i and _same_stats(stats[names[i - 1]], stats[names[i]]) else 0 for i in range(len(names))]
+        flags = torch.tensor(same, dtype=torch.int32, device=_statistic(stats[names[0]]).device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group)
+        for i, name in enumerate(names):
+            s = stats[name]
+            value = _statistic(s)
+            if flags[i].item() == 1:
+                prev = stats[names[i - 1]]
+                value.copy_(_statistic(prev))
+                s.nsamples = prev.nsamples
+                continue
+            count = torch.tensor([float(s.nsamples)], dtype=torch.float64, device=value.device)
+            value.mul_(float(s.nsamples))  # the un-normalised sum (2 * sum x x^T, or its diagonal) of this rank
+            dist.all_reduce(value, group=self.group)
+            dist.all_reduce(count, group=self.group)
+            total = int(count.item())
+            if total > 0:
+                value.div_(float(total))
+            s.nsamples = total
+        return stats
         # Linears whose Hessians are equal on *every* rank share one reduction.
         same = [1 if i and _same_stats(stats[names[i - 1]], stats[names[i]]) else 0 for i in range(len(names))]
         flags = torch.tensor(same, dtype=torch.int32, device=stats[names[0]].H.device)
@@ -150,8 +172,13 @@ class DistributedPruning:
         return box[0]
 
 
+def _statistic(stats):
+    return stats.H if stats.H is not None else stats.diagonal
+
+
 def _same_stats(a, b) -> bool:
-    return a.nsamples == b.nsamples and a.H.shape == b.H.shape and torch.equal(a.H, b.H)
+    x, y = _statistic(a), _statistic(b)
+    return a.nsamples == b.nsamples and x.shape == y.shape and torch.equal(x, y)
 
 
 def world_size_from_env() -> int:

@@ -24,44 +24,9 @@ from tqdm.auto import tqdm
 from pyprune.models.capture import run_layer
 from pyprune.models.families import decoder_layers, prunable_linears, weight_matrix
 from pyprune.pipeline.activations import ActivationStore
-from pyprune.pipeline.statistics import HessianCollector
+from pyprune.pipeline.statistics import HessianCollector, InputNormCollector
 
 KINDS = ("hessian", "input_norms")
-
-
-class InputNormCollector:
-    """Context manager: ``stats[name]`` is the per-input RMS of each Linear's inputs."""
-
-    def __init__(self, linears, device):
-        self.linears = dict(linears)
-        self._sums = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64, device=device)
-                      for name, m in self.linears.items()}
-        self._counts = {name: 0 for name in self.linears}
-        self._handles = []
-
-    def __enter__(self):
-        for name, module in self.linears.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def new_batch(self):
-        pass
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            self._sums[name] += x.double().pow(2).sum(0).to(self._sums[name].device)
-            self._counts[name] += x.shape[0]
-        return hook
-
-    @property
-    def stats(self):
-        return {name: (s / max(self._counts[name], 1)).sqrt().float() for name, s in self._sums.items()}
 
 
 @torch.no_grad()
@@ -89,7 +54,8 @@ def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
         for index in tqdm(range(len(layers)), desc="schedule pre-pass", disable=not show):
             layer = layers[index].to(device)
             linears = prunable_linears(layer)
-            collector = (HessianCollector if kind == "hessian" else InputNormCollector)(linears, device)
+            collector = (HessianCollector if kind == "hessian" else InputNormCollector)(
+                linears, device, sink_weight=getattr(options, "sink_weight", 1.0))
             last = index + 1 == len(layers)
             with collector:
                 for start in range(0, inputs.shape[0], batch_size):
@@ -98,7 +64,8 @@ def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
                     out = run_layer(layer, batch, kwargs[batch.shape[0]])
                     if not last:  # each window depends only on itself, so the buffer is reused in place
                         store.put(inputs, start, out)
-            schedule.prepass_observe(index, collector.stats, {name: weight_matrix(m) for name, m in linears})
+            stats = collector.stats if kind == "hessian" else collector.rms
+            schedule.prepass_observe(index, stats, {name: weight_matrix(m) for name, m in linears})
             layers[index] = layer.to("cpu")
         del inputs
     finally:

@@ -25,8 +25,8 @@ from pyprune.models.families import (
 from pyprune.pipeline.activations import ActivationStore, check_storage, estimate_for_run, format_estimate
 from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
-from pyprune.pipeline.statistics import HessianCollector, StatisticsComplete
-from pyprune.solvers import STATISTICS_FREE, get_solver
+from pyprune.pipeline.statistics import HessianCollector, InputNormCollector, StatisticsComplete, check_sink_weight
+from pyprune.solvers import get_solver, statistics_needed
 from pyprune.solvers.base import LayerStats
 
 
@@ -41,9 +41,16 @@ class RunOptions:
     show_progress: bool = True
     fingerprint: dict = field(default_factory=dict)  # identifies the run for --resume
     distributed: Optional[object] = None  # a pipeline.distributed.DistributedPruning: work split over ranks
+    # Collect full Hessians for solvers that read only input norms (wanda), so that the report has
+    # each Linear's reconstruction loss; False keeps in_features numbers per Linear, not in_features**2.
+    layer_loss: bool = True
+    # The first token of each calibration window counts as this many tokens in the statistics
+    # (pipeline.statistics: the attention sink); 1 = plain token average.
+    sink_weight: float = 1.0
 
     def __post_init__(self):
         check_storage(self.activations)
+        check_sink_weight(self.sink_weight)
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
 
@@ -78,8 +85,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     solve = get_solver(method) if isinstance(method, str) else method
     method = method if isinstance(method, str) else getattr(method, "__name__", "custom")
     check_model(model, schedule.target)
-    needs_stats = method not in STATISTICS_FREE or getattr(schedule, "needs_statistics", False) or \
-        (post_solve is not None and getattr(post_solve, "needs_statistics", True))
+    statistics = statistics_kind(solve, schedule, post_solve, options.layer_loss)
+    needs_stats = statistics is not None
     if needs_stats and tokens is None:
         raise ValueError(f"method {method!r} needs calibration data")
     device = torch.device(options.device)
@@ -92,7 +99,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
 
     progress = None
     if options.progress_dir:
-        fingerprint = dict(options.fingerprint, method=method, solver_options=_jsonable(solver_options),
+        fingerprint = dict(options.fingerprint, method=method, statistics=statistics,
+                           sink_weight=options.sink_weight, solver_options=_jsonable(solver_options),
                            tokens=_tensor_digest(tokens))
         if hasattr(schedule, "config"):
             fingerprint["schedule"] = _jsonable(schedule.config())
@@ -131,7 +139,7 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
         linears = prunable_linears(layer)
         stats = {name: None for name, _ in linears}
         if needs_stats:
-            stats = _collect_statistics(layer, linears, inputs, kwargs, options.batch_size, device, store)
+            stats = _collect_statistics(statistics, layer, linears, inputs, kwargs, options, device, store)
             if dist is not None:
                 dist.reduce_statistics(stats)  # every rank now holds the statistics of all windows
         schedule.observe(index, stats, {name: weight_matrix(m) for name, m in linears})
@@ -171,11 +179,24 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     return result
 
 
-def _collect_statistics(layer, linears, inputs, kwargs, batch_size, device, store):
-    with HessianCollector(linears, device, stop_when_complete=True) as collector:
-        for start in range(0, inputs.shape[0], batch_size):
+def statistics_kind(solve, schedule, post_solve, layer_loss: bool = True) -> Optional[str]:
+    """What the pruning pass collects per Linear: ``None``, ``"input_norms"`` or ``"hessian"``."""
+    wanted = {statistics_needed(solve)}
+    if getattr(schedule, "needs_statistics", False):
+        wanted.add("hessian")
+    if post_solve is not None and getattr(post_solve, "needs_statistics", True):
+        wanted.add("hessian")
+    if "hessian" in wanted or ("input_norms" in wanted and layer_loss):
+        return "hessian"
+    return "input_norms" if "input_norms" in wanted else None
+
+
+def _collect_statistics(kind, layer, linears, inputs, kwargs, options, device, store):
+    collector_class = HessianCollector if kind == "hessian" else InputNormCollector
+    with collector_class(linears, device, stop_when_complete=True, sink_weight=options.sink_weight) as collector:
+        for start in range(0, inputs.shape[0], options.batch_size):
             collector.new_batch()
-            batch = store.batch(inputs, start, batch_size, device)
+            batch = store.batch(inputs, start, options.batch_size, device)
             try:
                 run_layer(layer, batch, kwargs[batch.shape[0]])
             except StatisticsComplete:  # every Linear has its input: the rest is not needed
@@ -207,7 +228,7 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
         "target": str(pattern),
         "target_sparsity": pattern.sparsity,
         "achieved_sparsity": zeros / W.numel(),
-        "pruned_fraction": float(result.pruned.float().mean()),
+        "pruned_fraction": int(result.pruned.sum()) / result.pruned.numel(),  # no float copy of the mask
         "loss": result.loss,
         "seconds": seconds,
     }

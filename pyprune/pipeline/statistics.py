@@ -1,4 +1,13 @@
-"""Forward hooks that fold each Linear's inputs into its Hessian while a layer runs.
+"""Forward hooks that fold each Linear's inputs into its statistics while a layer runs.
+
+:class:`HessianCollector` keeps each Linear's Hessian; :class:`InputNormCollector` only its
+diagonal (the per-input sums of squares), which is all that Wanda scores and OWL need:
+``in_features`` numbers instead of ``in_features ** 2``.
+
+``sink_weight`` counts the first token of every window (the attention sink: in most causal LMs
+every later query attends to it, and its hidden state carries the massive activations) as
+``sink_weight`` tokens. An error on that token's inputs reaches every position through its key
+and value, while the plain Hessian weighs it as one token among ``seqlen``.
 
 Linears that read the same tensor (q/k/v, gate/up) would compute the same ``x^T x``: within a
 batch, the first of them accumulates and the others, having seen exactly the same inputs so far,
@@ -20,12 +29,29 @@ class StatisticsComplete(Exception):
     """Raised from a hook once every Linear has seen the batch (``stop_when_complete``)."""
 
 
+def sink_weighted_rows(source: torch.Tensor, sink_weight: float) -> torch.Tensor:
+    """``[tokens, features]`` rows of a ``[batch, seq, features]`` input, position 0 scaled by
+    ``sqrt(sink_weight)`` (so its outer product counts ``sink_weight`` times)."""
+    x = source.detach()
+    if sink_weight != 1.0 and x.dim() == 3:
+        x = x.clone()
+        x[:, 0] *= sink_weight ** 0.5
+    return x.reshape(-1, x.shape[-1])
+
+
+def check_sink_weight(sink_weight: float) -> float:
+    if not sink_weight >= 1.0:
+        raise ValueError(f"sink_weight={sink_weight}: must be at least 1 (1 = the first token counts as one token)")
+    return float(sink_weight)
+
+
 class HessianCollector:
     """Context manager: ``stats[name]`` holds each Linear's :class:`LayerStats`."""
 
-    def __init__(self, linears, device, stop_when_complete: bool = False):
+    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
         self.linears = dict(linears)
         self.stop_when_complete = stop_when_complete
+        self.sink_weight = check_sink_weight(sink_weight)
         self._seen = set()
         self.stats = {}
         for name, module in self.linears.items():
@@ -59,7 +85,7 @@ class HessianCollector:
         return hook
 
     def _accumulate(self, name, source):
-        x = source.detach().reshape(-1, source.shape[-1])
+        x = sink_weighted_rows(source, self.sink_weight)
         stats = self.stats[name]
         key = (source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, source.device)
         owner = self._owner_of_input.get(key)
@@ -71,3 +97,53 @@ class HessianCollector:
         # Keeping ``source`` referenced until the batch ends stops its memory from being
         # reused by a different tensor at the same address within this batch.
         self._owner_of_input[key] = (stats, source)
+
+
+class InputNormCollector:
+    """Context manager: per-input sums of squares of each Linear's inputs (float64).
+
+    ``stats[name]`` is a :class:`LayerStats` with only ``diagonal`` (= the Hessian's diagonal,
+    ``(2/n) sum x_j^2``); ``rms[name]`` is ``sqrt(mean x_j^2)``.
+    """
+
+    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
+        self.linears = dict(linears)
+        self.stop_when_complete = stop_when_complete
+        self.sink_weight = check_sink_weight(sink_weight)
+        self._sums = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64, device=device)
+                      for name, m in self.linears.items()}
+        self._counts = {name: 0 for name in self.linears}
+        self._seen = set()
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.linears.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def new_batch(self):
+        self._seen.clear()
+
+    def _hook(self, name):
+        def hook(module, inputs):
+            x = sink_weighted_rows(inputs[0], self.sink_weight)
+            self._sums[name] += x.double().pow(2).sum(0).to(self._sums[name].device)
+            self._counts[name] += x.shape[0]
+            self._seen.add(name)
+            if self.stop_when_complete and len(self._seen) == len(self.linears):
+                raise StatisticsComplete
+        return hook
+
+    @property
+    def stats(self):
+        return {name: LayerStats(None, self._counts[name], diagonal=(2.0 * s / max(self._counts[name], 1)).float())
+                for name, s in self._sums.items()}
+
+    @property
+    def rms(self):
+        return {name: (s / max(self._counts[name], 1)).sqrt().float() for name, s in self._sums.items()}

@@ -15,16 +15,21 @@ class LayerStats:
 
     ``H``: ``(2/n) * sum x x^T`` in float32, ``[in, in]`` (see ``pyprune.ops.hessian``).
     ``nsamples``: number of input rows (tokens) folded into ``H``.
+    ``diagonal``: ``(2/n) * sum x_j^2`` ``[in]``, the diagonal of ``H``, for solvers that need only
+    that (wanda) when the full ``H`` was not collected.
     """
 
     H: Optional[torch.Tensor] = None
     nsamples: int = 0
+    diagonal: Optional[torch.Tensor] = None
 
     def input_norms(self) -> torch.Tensor:
         """Per input column ``||x_j||_2`` up to one common factor (all a row-wise ranking needs)."""
-        if self.H is None:
-            raise ValueError("this solver needs calibration statistics (a Hessian), none were given")
-        return torch.diag(self.H).clamp_min(0).sqrt()
+        if self.H is not None:
+            return torch.diag(self.H).clamp_min(0).sqrt()
+        if self.diagonal is not None:
+            return self.diagonal.clamp_min(0).sqrt()
+        raise ValueError("this solver needs calibration statistics (a Hessian), none were given")
 
 
 @dataclass

@@ -6,6 +6,6 @@ from pyprune.solvers.pattern import SparsityPattern, select_pruned
 
 
 def solve(W: torch.Tensor, stats: LayerStats, pattern: SparsityPattern, **_) -> SolverResult:
-    pruned = select_pruned(W.abs().float(), pattern, per_row=False)
+    pruned = select_pruned(W.abs(), pattern, per_row=False)  # compared as float32, chunk by chunk
     W_new = W.masked_fill(pruned, 0)
     return SolverResult(W_new, pruned, reconstruction_loss(W, W_new, stats.H if stats else None))

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from pyprune.ops.selection import MODE_LAYER, MODE_NM, MODE_ROW, select_lowest
+
 
 @dataclass(frozen=True)
 class SparsityPattern:
@@ -71,21 +73,13 @@ def select_pruned(score: torch.Tensor, pattern: SparsityPattern, per_row: bool =
 
     Unstructured: the ``round(sparsity * numel)`` lowest scores of the whole matrix, or
     ``round(sparsity * cols)`` per row when ``per_row``. N:M: the ``m - n`` lowest of each group.
-    Ties are broken by position, so the count is always exact.
+    Ties are broken by position, so the count is always exact (:mod:`pyprune.ops.selection`;
+    temporaries stay small whatever the matrix size).
     """
     rows, cols = score.shape
-    pruned = torch.zeros_like(score, dtype=torch.bool)
     if pattern.is_nm:
         pattern.check_width(cols)
-        groups = score.reshape(rows, cols // pattern.m, pattern.m)
-        drop = torch.topk(groups, pattern.m - pattern.n, dim=2, largest=False).indices
-        pruned.view(rows, cols // pattern.m, pattern.m).scatter_(2, drop, True)
-    elif per_row:
-        k = int(round(pattern.sparsity * cols))
-        if k:
-            pruned.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
-    else:
-        k = int(round(pattern.sparsity * score.numel()))
-        if k:
-            pruned.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
-    return pruned
+        return select_lowest(score, MODE_NM, n=pattern.n, m=pattern.m)
+    if per_row:
+        return select_lowest(score, MODE_ROW, k=int(round(pattern.sparsity * cols)))
+    return select_lowest(score, MODE_LAYER, k=int(round(pattern.sparsity * score.numel())))

@@ -75,6 +75,9 @@ def no_pruning(W: torch.Tensor, stats: Optional[LayerStats] = None, pattern: Spa
     return SolverResult(W.clone(), torch.zeros(W.shape, dtype=torch.bool, device=W.device), 0.0, {})
 
 
+no_pruning.statistics = None  # only the quantizer (if it is GPTQ) reads calibration statistics
+
+
 def sparsegpt_int4_solver(groupsize: int = 128):
     """A solver (``solve(W, stats, pattern, **options) -> SolverResult``) running the joint
     SparseGPT + INT4 sweep; its result carries the :class:`QuantResult` as
