@@ -43,11 +43,8 @@ CONFIGS = {
     "rtn-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--quant-method", "rtn"],
     "sparsegpt-50-int4-g64": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64"],
     "sparsegpt-2of4-int4-g64": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64"],
-    "sparsegpt-50-sink2048": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "2048"],
-    "rtn-int4-g128": ["--method", "none", "--wbits", "4", "--groupsize", "128", "--quant-method", "rtn"],
-    "gptq-int4-g128": ["--method", "none", "--wbits", "4", "--groupsize", "128"],
-    "gptq-int4-g128-sink2048": ["--method", "none", "--wbits", "4", "--groupsize", "128", "--sink-weight", "2048"],
-    "gptq-int4-g64-sink2048": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "2048"],
+    "sparsegpt-50-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256"],
+    "gptq-int4-g64-sink256": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "256"],
     "admm-grad-70-int4-g64": ["--method", "admm", "--sparsity", "0.7", "--admm-reselect", "schedule",
                               "--wbits", "4", "--groupsize", "64"],
 }

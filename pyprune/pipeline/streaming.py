@@ -279,6 +279,18 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor):
 _LIBC = None
 
 
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
 def trim_heap():
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``).
 
@@ -286,15 +298,23 @@ def trim_heap():
     threshold; after a layer is dropped that memory stays mapped to the process, and without a
     trim the resident size creeps up layer after layer. A no-op where glibc is not the allocator.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    if _libc():
+        _libc().malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20):
+    """Serve every allocation above ``threshold`` bytes with its own mmap, returned on free.
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, after which
+    the solver's multi-MiB temporaries live in the heap and the resident size keeps the high-water
+    mark of all of them. Setting the threshold fixes it and turns that adjustment off; the cost is
+    a page fault per page of each large tensor, small next to the layer's compute.
+    """
+    if _libc():
+        _libc().mallopt(M_MMAP_THRESHOLD, int(threshold))
 
 
 def _release_tensor(root: nn.Module, name: str):
@@ -588,6 +608,7 @@ def prune_streamed(model_dir: str, out_dir: str, tokens: Optional[torch.Tensor],
         raise ValueError(f"max_layers={max_layers}: must be at least 1 (or None for all layers)")
     dist = getattr(options, "distributed", None)
     writer = dist is None or dist.is_main
+    map_large_allocations()  # the resident size then follows the live tensors, not their high-water mark
     model = load_skeleton(model_dir, dtype)
     streamer = LayerStreamer(model, model_dir, out_dir, save_dtype=save_dtype, writer=writer,
                              max_layers=max_layers)
