@@ -397,11 +397,14 @@ def save(cases: dict, gloo: dict = None):
               "plus transformers; it does not grow with the model, so 'peak above imports' is what streaming "
               "controls.",
               "- What the streamed peak is made of: one decoder layer in the compute dtype, one tensor being "
-              "converted on load or write, one layer's float32 Hessians (all Linears at once), the calibration "
-              "activations (two copies, or two batches with disk activations) and the solver's temporaries. "
-              "On the 3.4 B model the solver temporaries dominate: one 3200 x 8640 bf16 weight (53 MiB) costs "
-              "~0.7 GiB of peak in the magnitude solver (a top-k over the flattened matrix) and ~0.4 GiB in "
-              "wanda (its scores and the float32 loss 0.5 tr(dW H dW^T)).",
+              "converted on load or write, the calibration activations (two copies, or two batches with disk "
+              "activations), the layer's statistics and the solver's temporaries. Mask selection works on "
+              "chunks of rows (a radix select for whole-matrix thresholds), so a 3200 x 8640 bf16 weight "
+              "costs a few times its own size, not the ~0.7 GiB a flattened top-k took; streamed runs fix "
+              "glibc's mmap threshold so those temporaries are returned to the OS when freed.",
+              "- wanda with the layer loss (the default in memory) keeps each Linear's float32 Hessian "
+              "(0.3 GiB for the 8640-wide down_proj alone) only to report its reconstruction loss; "
+              "`--no-layer-loss` (the default with `--stream`) keeps the input norms, all wanda reads.",
               "- Synthetic model: random weights (a random block tiled over each tensor), written as fp16 shards "
               "to /tmp and deleted afterwards; layers computed in bfloat16. Every layer has the same shapes, so "
               "the wanda run stopped after its first layers has already reached the per-layer peak; the "

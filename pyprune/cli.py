@@ -115,10 +115,13 @@ def build_parser():
     p.add_argument("--progress-dir", default=None,
                    help="folder for per-layer progress (default: SAVE.progress when --save is given)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its progress folder")
-    p.add_argument("--no-layer-loss", dest="layer_loss", action="store_false",
-                   help="do not collect full Hessians only to report each Linear's reconstruction loss: "
-                        "wanda then keeps its input norms (in_features numbers per Linear instead of "
-                        "in_features^2, e.g. 0.3 GiB less for an 8640-wide Linear)")
+    loss = p.add_mutually_exclusive_group()
+    loss.add_argument("--layer-loss", dest="layer_loss", action="store_true", default=None,
+                      help="collect full Hessians even for wanda, so the report has each Linear's reconstruction "
+                           "loss (the default, except with --stream)")
+    loss.add_argument("--no-layer-loss", dest="layer_loss", action="store_false",
+                      help="wanda keeps only its input norms (in_features numbers per Linear instead of "
+                           "in_features^2, 0.3 GiB less for an 8640-wide Linear); no per-Linear loss for wanda")
     _add_calibration_args(p)
     _add_solver_args(p)
     _add_schedule_args(p)
@@ -375,6 +378,8 @@ def cmd_prune(args):
     tokens, calib_info = None, None
     if needs_calibration:
         tokens, calib_info = _calibration_tokens(args, calib, model, tokenizer, device, progress_dir)
+    if args.layer_loss is None:
+        args.layer_loss = not args.stream  # streamed runs save the memory; the report records the choice
     options = RunOptions(device=device, activations=args.activations, activations_dir=args.activations_dir,
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
                          show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,

@@ -162,7 +162,10 @@ def test_hessian_schedule_and_plot(tiny_saved_model, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path):
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path, method):
+    """Streamed runs give the in-memory weights; wanda streamed keeps only input norms by default
+    (no per-Linear loss) and still selects the same masks."""
     model_dir, data = tiny_saved_model
     sharded = tmp_path / "sharded"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(sharded, max_shard_size="60KB")
@@ -172,9 +175,15 @@ def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path):
     assert len(list(sharded.glob("*.safetensors"))) > 1
     streamed, memory = tmp_path / "streamed", tmp_path / "memory"
     for out, extra in ((streamed, ["--stream"]), (memory, [])):
-        assert main(prune_args(str(sharded), data, "--method", "sparsegpt", "--sparsity", "0.5",
+        assert main(prune_args(str(sharded), data, "--method", method, "--sparsity", "0.5",
                                "--save", str(out), *extra)) == 0
     a = AutoModelForCausalLM.from_pretrained(streamed).state_dict()
     b = AutoModelForCausalLM.from_pretrained(memory).state_dict()
     for name in b:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
+        assert torch.equal(a[name] == 0, b[name] == 0), name
+    reports = [json.loads((out / "pyprune_report.json").read_text()) for out in (streamed, memory)]
+    assert [r["config"]["layer_loss"] for r in reports] == [False, True]
+    losses = [[x["loss"] for x in r["linears"]] for r in reports]
+    assert all(v == v for v in losses[1])  # reported in memory
+    assert all(v == v for v in losses[0]) == (method == "sparsegpt")  # wanda streamed: nan
