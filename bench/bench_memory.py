@@ -393,7 +393,7 @@ def save(cases: dict, gloo: dict = None):
         lines += ["", "Streamed outputs vs the in-memory output, largest absolute weight difference: "
                   + ", ".join(f"{n}: {d:g}" for n, d in diffs.items())]
     lines += ["", "Notes:", "",
-              "- 'after imports' (~0.96 GiB here) is torch's CUDA build (~0.69 GiB, mostly shared library pages) "
+              "- 'after imports' (0.74 to 0.96 GiB across runs) is torch's CUDA build (~0.69 GiB, mostly shared library pages) "
               "plus transformers; it does not grow with the model, so 'peak above imports' is what streaming "
               "controls.",
               "- What the streamed peak is made of: one decoder layer in the compute dtype, one tensor being "
@@ -405,6 +405,8 @@ def save(cases: dict, gloo: dict = None):
               "- wanda with the layer loss (the default in memory) keeps each Linear's float32 Hessian "
               "(0.3 GiB for the 8640-wide down_proj alone) only to report its reconstruction loss; "
               "`--no-layer-loss` (the default with `--stream`) keeps the input norms, all wanda reads.",
+              "- Seconds are loose: the 3.4 B magnitude run (649 s) shared the 2 cores with two other jobs; "
+              "alone, before the mmap threshold change, it took 284 s.",
               "- Synthetic model: random weights (a random block tiled over each tensor), written as fp16 shards "
               "to /tmp and deleted afterwards; layers computed in bfloat16. Every layer has the same shapes, so "
               "the wanda run stopped after its first layers has already reached the per-layer peak; the "
