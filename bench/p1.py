@@ -45,6 +45,12 @@ CONFIGS = {
     "sparsegpt-2of4-int4-g64": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64"],
     "sparsegpt-50-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256"],
     "gptq-int4-g64-sink256": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "256"],
+    "sparsegpt-50-int4-g64-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64",
+                                      "--sink-weight", "256"],
+    "sparsegpt-2of4-sink256": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "256"],
+    "sparsegpt-2of4-int4-g64-sink256": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
+                                        "--sink-weight", "256"],
+    "admm-grad-70-sink256": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "256"],
     "admm-grad-70-int4-g64": ["--method", "admm", "--sparsity", "0.7", "--admm-reselect", "schedule",
                               "--wbits", "4", "--groupsize", "64"],
 }
