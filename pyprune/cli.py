@@ -45,9 +45,10 @@ def _add_calibration_args(p):
     g.add_argument("--calib-temperature", type=float, default=None, help="self-calibration temperature (1.0)")
     g.add_argument("--calib-top-p", type=float, default=None, help="self-calibration nucleus top-p (0.95)")
     g.add_argument("--calib-batch-size", type=int, default=None, help="self-calibration sequences per batch (8)")
-    g.add_argument("--sink-weight", type=float, default=1.0,
+    g.add_argument("--sink-weight", type=float, default=None,
                    help="the first token of each window (the attention sink, read by every later token) counts "
-                        "as this many tokens in the Hessians and input norms (default 1)")
+                        "as this many tokens in the Hessians and input norms (default: 256 when a Hessian drives "
+                        "a reconstruction, i.e. sparsegpt, admm or GPTQ; 1 for wanda and magnitude)")
 
 
 def _add_solver_args(p):
@@ -332,6 +333,7 @@ def cmd_prune(args):
     from pyprune.models.families import LAYER_PATHS
     from pyprune.pipeline import RunOptions, prune_model
     from pyprune.pipeline.report import totals, versions, write_report
+    from pyprune.pipeline.statistics import RECONSTRUCTION_SINK_WEIGHT
     from pyprune.schedule import make_schedule
     from pyprune.solvers import statistics_needed
 
@@ -340,8 +342,10 @@ def cmd_prune(args):
                              granularity=args.schedule_granularity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                              damp=args.damp)
     solver_reads = None if args.method == "none" else statistics_needed(args.method)
-    needs_calibration = solver_reads is not None or (args.wbits == 4 and args.quant_method == "gptq") \
-        or args.schedule != "uniform"
+    gptq = args.wbits == 4 and args.quant_method == "gptq"
+    needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
+    if args.sink_weight is None:
+        args.sink_weight = RECONSTRUCTION_SINK_WEIGHT if solver_reads == "hessian" or gptq else 1.0
     calib = _calibration_source(args) if needs_calibration else None
     _check_inputs_before_loading(args, target, needs_calibration, calib)
     if args.resume and args.wbits == 4:

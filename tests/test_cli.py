@@ -184,6 +184,8 @@ def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path, method):
         assert torch.equal(a[name] == 0, b[name] == 0), name
     reports = [json.loads((out / "pyprune_report.json").read_text()) for out in (streamed, memory)]
     assert [r["config"]["layer_loss"] for r in reports] == [False, True]
+    # the attention sink is weighted by default where a Hessian drives a reconstruction
+    assert {r["config"]["sink_weight"] for r in reports} == {256.0 if method == "sparsegpt" else 1.0}
     losses = [[x["loss"] for x in r["linears"]] for r in reports]
     assert all(v == v for v in losses[1])  # reported in memory
     assert all(v == v for v in losses[0]) == (method == "sparsegpt")  # wanda streamed: nan

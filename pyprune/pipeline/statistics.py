@@ -29,6 +29,12 @@ class StatisticsComplete(Exception):
     """Raised from a hook once every Linear has seen the batch (``stop_when_complete``)."""
 
 
+# The CLI's default for solvers that reconstruct from the Hessian (sparsegpt, admm, GPTQ). Under
+# protocol P1 on SmolLM2-135M, 256 instead of 1 took SparseGPT 50 % from 44.4 to 40.6 perplexity
+# and GPTQ INT4 g64 from 36.9 (worse than RTN's 30.3) to 25.8 (bench/results/p1.md).
+RECONSTRUCTION_SINK_WEIGHT = 256.0
+
+
 def sink_weighted_rows(source: torch.Tensor, sink_weight: float) -> torch.Tensor:
     """``[tokens, features]`` rows of a ``[batch, seq, features]`` input, position 0 scaled by
     ``sqrt(sink_weight)`` (so its outer product counts ``sink_weight`` times)."""
