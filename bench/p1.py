@@ -4,6 +4,8 @@
     python bench/p1.py run NAME [--data-dir D]   # one configuration from CONFIGS (or extra CLI flags)
     python bench/p1.py table                      # bench/results/p1.md from every result JSON
 
+Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
+option existed); the "-sink256" ones use the CLI's default for Hessian reconstructions.
 Each run writes bench/results/p1/NAME.json: the pyprune report plus wall time and peak RSS.
 """
 import argparse
@@ -24,25 +26,27 @@ COMMON = ["--nsamples", "32", "--seqlen", "2048", "--seed", "0", "--calib", "c4"
 CONFIGS = {
     "magnitude-50": ["--method", "magnitude", "--sparsity", "0.5"],
     "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
-    "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5"],
+    "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "1"],
     "wanda-2of4": ["--method", "wanda", "--pattern", "2:4"],
-    "sparsegpt-2of4": ["--method", "sparsegpt", "--pattern", "2:4"],
-    "sparsegpt-4of8": ["--method", "sparsegpt", "--pattern", "4:8"],
-    "sparsegpt-60": ["--method", "sparsegpt", "--sparsity", "0.6"],
-    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7"],
-    "sparsegpt-80": ["--method", "sparsegpt", "--sparsity", "0.8"],
-    "admm-grad-60": ["--method", "admm", "--sparsity", "0.6"],
-    "admm-grad-70": ["--method", "admm", "--sparsity", "0.7"],
-    "admm-grad-80": ["--method", "admm", "--sparsity", "0.8"],
-    "admm-grad-2of4": ["--method", "admm", "--pattern", "2:4"],
-    "admm1-70": ["--method", "admm", "--sparsity", "0.7", "--mask", "wanda"],
-    "admm-grad-70-nofinal": ["--method", "admm", "--sparsity", "0.7", "--no-final-solve"],
-    "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl"],
-    "sparsegpt-70-hessian": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "hessian"],
-    "gptq-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64"],
+    "sparsegpt-2of4": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1"],
+    "sparsegpt-4of8": ["--method", "sparsegpt", "--pattern", "4:8", "--sink-weight", "1"],
+    "sparsegpt-60": ["--method", "sparsegpt", "--sparsity", "0.6", "--sink-weight", "1"],
+    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7", "--sink-weight", "1"],
+    "sparsegpt-80": ["--method", "sparsegpt", "--sparsity", "0.8", "--sink-weight", "1"],
+    "admm-grad-60": ["--method", "admm", "--sparsity", "0.6", "--sink-weight", "1"],
+    "admm-grad-70": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1"],
+    "admm-grad-80": ["--method", "admm", "--sparsity", "0.8", "--sink-weight", "1"],
+    "admm-grad-2of4": ["--method", "admm", "--pattern", "2:4", "--sink-weight", "1"],
+    "admm1-70": ["--method", "admm", "--sparsity", "0.7", "--mask", "wanda", "--sink-weight", "1"],
+    "admm-grad-70-nofinal": ["--method", "admm", "--sparsity", "0.7", "--no-final-solve", "--sink-weight", "1"],
+    "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl", "--sink-weight", "1"],
+    "sparsegpt-70-hessian": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "hessian", "--sink-weight", "1"],
+    "gptq-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "1"],
     "rtn-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--quant-method", "rtn"],
-    "sparsegpt-50-int4-g64": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64"],
-    "sparsegpt-2of4-int4-g64": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64"],
+    "sparsegpt-50-int4-g64": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64",
+                              "--sink-weight", "1"],
+    "sparsegpt-2of4-int4-g64": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
+                                "--sink-weight", "1"],
     "sparsegpt-50-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256"],
     "gptq-int4-g64-sink256": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "256"],
     "sparsegpt-50-int4-g64-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64",
@@ -51,8 +55,8 @@ CONFIGS = {
     "sparsegpt-2of4-int4-g64-sink256": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
                                         "--sink-weight", "256"],
     "admm-grad-70-sink256": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "256"],
-    "admm-grad-70-int4-g64": ["--method", "admm", "--sparsity", "0.7", "--admm-reselect", "schedule",
-                              "--wbits", "4", "--groupsize", "64"],
+    "admm-grad-70-int4-g64-sink256": ["--method", "admm", "--sparsity", "0.7", "--wbits", "4", "--groupsize", "64",
+                                      "--sink-weight", "256"],
 }
 
 
@@ -93,15 +97,17 @@ def table():
             r = json.load(f)
         t, b = r["totals"], r["bench"]
         q = r.get("quantization") or {}
-        rows.append((b["name"], t.get("ppl"), t.get("achieved_sparsity", 0.0), q.get("bits_per_weight"),
+        sink = (r.get("config") or {}).get("sink_weight") or 1  # reports from before the option: plain statistics
+        rows.append((b["name"], t.get("ppl"), t.get("achieved_sparsity", 0.0), q.get("bits_per_weight"), sink,
                      t.get("pruning_seconds", 0.0), t.get("eval_seconds"), b["peak_rss_mib"], b["threads"]))
     lines = ["# Protocol P1 on smollm2-135m (fp32, CPU)", "",
              "Calibration 32 x 2048 C4 tokens (seed 0); WikiText-2 test, first 40 windows of 2048 tokens.",
              "Timings were taken on a shared 2-core machine; threads 1 = two runs in parallel, 'default' = alone: compare loosely.", "",
-             "| configuration | ppl | sparsity | bits/weight | prune s | eval s | peak RSS MiB | threads |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, ppl, sp, bits, ps, es, rss, th in rows:
-        lines.append(f"| {name} | {ppl:.2f} | {sp:.3f} | {'' if bits is None else f'{bits:.3f}'} | {ps:.0f} | "
+             "'sink' = --sink-weight (the first token of each window counted as that many tokens in the statistics).", "",
+             "| configuration | ppl | sparsity | bits/weight | sink | prune s | eval s | peak RSS MiB | threads |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, ppl, sp, bits, sink, ps, es, rss, th in rows:
+        lines.append(f"| {name} | {ppl:.2f} | {sp:.3f} | {'' if bits is None else f'{bits:.3f}'} | {sink:g} | {ps:.0f} | "
                      f"{es or 0:.0f} | {rss:.0f} | {th} |")
     with open(os.path.join(HERE, "results", "p1.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
