@@ -5,7 +5,7 @@
     python bench/p1.py table                      # bench/results/p1.md from every result JSON
 
 Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
-option existed); the "-sink256" ones use the CLI's default for Hessian reconstructions.
+option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
 Each run writes bench/results/p1/NAME.json: the pyprune report plus wall time and peak RSS.
 """
 import argparse

@@ -47,8 +47,9 @@ def _add_calibration_args(p):
     g.add_argument("--calib-batch-size", type=int, default=None, help="self-calibration sequences per batch (8)")
     g.add_argument("--sink-weight", type=float, default=None,
                    help="the first token of each window (the attention sink, read by every later token) counts "
-                        "as this many tokens in the Hessians and input norms (default: 256 when a Hessian drives "
-                        "a reconstruction, i.e. sparsegpt, admm or GPTQ; 1 for wanda and magnitude)")
+                        "as this many tokens in the Hessians and input norms (default: 256 for sparsegpt and for "
+                        "GPTQ without pruning or after sparsegpt; 1 for wanda, magnitude and admm, whose masks "
+                        "follow input norms)")
 
 
 def _add_solver_args(p):
@@ -333,7 +334,7 @@ def cmd_prune(args):
     from pyprune.models.families import LAYER_PATHS
     from pyprune.pipeline import RunOptions, prune_model
     from pyprune.pipeline.report import totals, versions, write_report
-    from pyprune.pipeline.statistics import RECONSTRUCTION_SINK_WEIGHT
+    from pyprune.pipeline.statistics import SINK_WEIGHT
     from pyprune.schedule import make_schedule
     from pyprune.solvers import statistics_needed
 
@@ -345,7 +346,7 @@ def cmd_prune(args):
     gptq = args.wbits == 4 and args.quant_method == "gptq"
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
     if args.sink_weight is None:
-        args.sink_weight = RECONSTRUCTION_SINK_WEIGHT if solver_reads == "hessian" or gptq else 1.0
+        args.sink_weight = SINK_WEIGHT if args.method == "sparsegpt" or (args.method == "none" and gptq) else 1.0
     calib = _calibration_source(args) if needs_calibration else None
     _check_inputs_before_loading(args, target, needs_calibration, calib)
     if args.resume and args.wbits == 4:

@@ -29,10 +29,11 @@ class StatisticsComplete(Exception):
     """Raised from a hook once every Linear has seen the batch (``stop_when_complete``)."""
 
 
-# The CLI's default for solvers that reconstruct from the Hessian (sparsegpt, admm, GPTQ). Under
-# protocol P1 on SmolLM2-135M, 256 instead of 1 took SparseGPT 50 % from 44.4 to 40.6 perplexity
-# and GPTQ INT4 g64 from 36.9 (worse than RTN's 30.3) to 25.8 (bench/results/p1.md).
-RECONSTRUCTION_SINK_WEIGHT = 256.0
+# The CLI's default for sparsegpt and GPTQ. Under protocol P1 on SmolLM2-135M, 256 instead of 1
+# took SparseGPT 50 % from 44.4 to 40.6 perplexity and GPTQ INT4 g64 from 36.9 (worse than RTN's
+# 30.3) to 25.8; it did not help solvers whose masks follow input norms (ADMM-Grad 70 %: 168.0 ->
+# 176.4; wanda in bench/results/sink_weight_quick.md), which keep 1.
+SINK_WEIGHT = 256.0
 
 
 def sink_weighted_rows(source: torch.Tensor, sink_weight: float) -> torch.Tensor:
