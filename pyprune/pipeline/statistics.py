@@ -1,4 +1,4 @@
-"""Forward hooks that fold each Linear's inputs into its statistics while a layer runs.
+"""Forward pre-hooks that fold each Linear's inputs into its statistics while a layer runs.
 
 :class:`HessianCollector` keeps each Linear's Hessian; :class:`InputNormCollector` only its
 diagonal (the per-input sums of squares), which is all that Wanda scores and OWL need:
@@ -52,20 +52,17 @@ def check_sink_weight(sink_weight: float) -> float:
     return float(sink_weight)
 
 
-class HessianCollector:
-    """Context manager: ``stats[name]`` holds each Linear's :class:`LayerStats`."""
+class _InputHooks:
+    """Context manager shared by the collectors: a forward pre-hook on every Linear hands its input
+    to ``_accumulate(name, source)`` and, with ``stop_when_complete``, ends the forward once every
+    Linear has seen the batch."""
 
-    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
+    def __init__(self, linears, stop_when_complete: bool, sink_weight: float):
         self.linears = dict(linears)
         self.stop_when_complete = stop_when_complete
         self.sink_weight = check_sink_weight(sink_weight)
         self._seen = set()
-        self.stats = {}
-        for name, module in self.linears.items():
-            cols = weight_matrix(module).shape[1]
-            self.stats[name] = LayerStats(torch.zeros(cols, cols, dtype=torch.float32, device=device), 0)
         self._handles = []
-        self._owner_of_input = {}
 
     def __enter__(self):
         for name, module in self.linears.items():
@@ -76,11 +73,10 @@ class HessianCollector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._owner_of_input.clear()
+        self.new_batch()
 
     def new_batch(self):
-        """Call before each batch: input identities are only meaningful within one batch."""
-        self._owner_of_input.clear()
+        """Call before each batch."""
         self._seen.clear()
 
     def _hook(self, name):
@@ -90,6 +86,26 @@ class HessianCollector:
             if self.stop_when_complete and len(self._seen) == len(self.linears):
                 raise StatisticsComplete
         return hook
+
+    def _accumulate(self, name, source):
+        raise NotImplementedError
+
+
+class HessianCollector(_InputHooks):
+    """Context manager: ``stats[name]`` holds each Linear's :class:`LayerStats`."""
+
+    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
+        super().__init__(linears, stop_when_complete, sink_weight)
+        self.stats = {}
+        for name, module in self.linears.items():
+            cols = weight_matrix(module).shape[1]
+            self.stats[name] = LayerStats(torch.zeros(cols, cols, dtype=torch.float32, device=device), 0)
+        self._owner_of_input = {}
+
+    def new_batch(self):
+        """Call before each batch: input identities are only meaningful within one batch."""
+        super().new_batch()
+        self._owner_of_input.clear()
 
     def _accumulate(self, name, source):
         x = sink_weighted_rows(source, self.sink_weight)
@@ -106,7 +122,7 @@ class HessianCollector:
         self._owner_of_input[key] = (stats, source)
 
 
-class InputNormCollector:
+class InputNormCollector(_InputHooks):
     """Context manager: per-input sums of squares of each Linear's inputs (float64).
 
     ``stats[name]`` is a :class:`LayerStats` with only ``diagonal`` (= the Hessian's diagonal,
@@ -114,37 +130,15 @@ class InputNormCollector:
     """
 
     def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
-        self.linears = dict(linears)
-        self.stop_when_complete = stop_when_complete
-        self.sink_weight = check_sink_weight(sink_weight)
+        super().__init__(linears, stop_when_complete, sink_weight)
         self._sums = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64, device=device)
                       for name, m in self.linears.items()}
         self._counts = {name: 0 for name in self.linears}
-        self._seen = set()
-        self._handles = []
 
-    def __enter__(self):
-        for name, module in self.linears.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def new_batch(self):
-        self._seen.clear()
-
-    def _hook(self, name):
-        def hook(module, inputs):
-            x = sink_weighted_rows(inputs[0], self.sink_weight)
-            self._sums[name] += x.double().pow(2).sum(0).to(self._sums[name].device)
-            self._counts[name] += x.shape[0]
-            self._seen.add(name)
-            if self.stop_when_complete and len(self._seen) == len(self.linears):
-                raise StatisticsComplete
-        return hook
+    def _accumulate(self, name, source):
+        x = sink_weighted_rows(source, self.sink_weight)
+        self._sums[name] += x.double().pow(2).sum(0).to(self._sums[name].device)
+        self._counts[name] += x.shape[0]
 
     @property
     def stats(self):
