@@ -36,8 +36,9 @@ import math
 
 import torch
 
-from pyprune.ops.admm_step import MODE_LAYER, admm_step, select_lowest
+from pyprune.ops.admm_step import admm_step
 from pyprune.ops.hessian import no_tf32, tf32_matmuls
+from pyprune.ops.selection import MODE_LAYER, select_lowest
 from pyprune.solvers import wanda
 from pyprune.solvers.base import LayerStats, SolverResult, reconstruction_loss
 from pyprune.solvers.pattern import SparsityPattern, select_pruned
