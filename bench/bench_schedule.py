@@ -36,19 +36,28 @@ import time
 
 import torch
 
+from pyprune.schedule import DEFAULT_NORMALISATION, NORMALISATIONS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 DATA = os.environ.get("PYPRUNE_DATA_DIR", os.path.join(HERE, "..", "..", "shared", "data"))
 
 
+SINK_DEFAULT = {"sparsegpt": 256.0, "admm": 1.0}  # the CLI's --sink-weight default per solver
+NORMALISE_TAG = {"none": "", "output": "-outnorm", "residual": "-resnorm"}
+
+
 def config(schedule, method, target, levels=4, lo=0.6, hi=0.8, granularity="layer", online=True,
-           normalise="none"):
+           normalise=DEFAULT_NORMALISATION, sink=None):
+    sink = SINK_DEFAULT[method] if sink is None else float(sink)
     name = f"{schedule}-{method}-{target:g}"
     if schedule == "hessian":
         name += f"-L{levels}-r{lo:g}-{hi:g}" + ("" if granularity == "layer" else "-linear") + \
-            ("" if online else "-offline") + ("" if normalise == "none" else "-outnorm")
+            ("" if online else "-offline") + NORMALISE_TAG[normalise]
+    name += "" if sink == 1 else f"-sink{sink:g}"
     return {"name": name, "schedule": schedule, "method": method, "target": target, "levels": levels,
-            "range": [lo, hi], "granularity": granularity, "online": online, "normalise": normalise}
+            "range": [lo, hi], "granularity": granularity, "online": online, "normalise": normalise,
+            "sink_weight": sink}
 
 
 def groups():
@@ -58,7 +67,7 @@ def groups():
     ranges = [config("hessian", m, 0.7, lo=lo, hi=hi) for m in solvers for lo, hi in ((0.65, 0.75), (0.5, 0.9))]
     variant = [config("hessian", m, 0.7, online=False) for m in solvers] + \
         [config("hessian", m, 0.7, granularity="linear") for m in solvers] + \
-        [config("hessian", m, 0.7, normalise="output") for m in solvers]
+        [config("hessian", m, 0.7, normalise=n) for m in solvers for n in NORMALISATIONS if n != DEFAULT_NORMALISATION]
     return {"main": main, "levels": levels, "range": ranges, "variant": variant,
             "all": main + levels + ranges + variant}
 
@@ -67,10 +76,10 @@ def cli_command(cfg, args):
     cmd = (f"pyprune prune smollm2-135m --method {cfg['method']} --sparsity {cfg['target']:g} "
            f"--schedule {cfg['schedule']} --nsamples {args.nsamples} --seqlen {args.seqlen} "
            f"--eval-windows {args.eval_windows} --eval-seqlen {args.eval_seqlen} --data-dir {args.data_dir} "
-           f"--dtype float32")
+           f"--dtype float32 --sink-weight {cfg.get('sink_weight', 1.0):g}")
     if cfg["schedule"] == "hessian":
         cmd += (f" --levels {cfg['levels']} --sparsity-range {cfg['range'][0]:g} {cfg['range'][1]:g}"
-                f" --schedule-granularity {cfg['granularity']}")
+                f" --schedule-granularity {cfg['granularity']} --schedule-normalise {cfg['normalise']}")
     return cmd + f" --report bench/results/schedule_p1/{cfg['name']}.json"
 
 
@@ -93,7 +102,7 @@ def run_one(cfg, args, device):
     progress = os.path.join(args.progress_dir, cfg["name"]) if args.progress_dir else None
     run = prune_model(model, tokens, cfg["method"], schedule, solver_options,
                       RunOptions(device=device, show_progress=not args.quiet, progress_dir=progress,
-                                 resume=progress is not None))
+                                 resume=progress is not None, sink_weight=cfg.get("sink_weight", 1.0)))
     prune_seconds = time.time() - t0
     model.to(device)
     ppl = perplexity(model, evaluation_tokens(tokenizer, args.data_dir), args.eval_seqlen, args.eval_windows,
@@ -118,14 +127,16 @@ def run_one(cfg, args, device):
 
 
 def table(results):
-    rows = ["| configuration | schedule | solver | target | levels | range | ppl | achieved | loss sum | "
-            "scheduler s | prune s |", "|" + "---|" * 11]
+    rows = ["| configuration | schedule | solver | target | levels | range | normalise | sink | ppl | achieved | "
+            "loss sum | scheduler s | prune s |", "|" + "---|" * 13]
     for r in results:
         sched = (r.get("scheduler_seconds") or {}).get("total", 0.0)
         rows.append(
             f"| {r['name']} | {r['schedule']} | {r['method']} | {r['target']:g} | "
             f"{r['levels'] if r['schedule'] == 'hessian' else '-'} | "
-            f"{'[%g, %g]' % tuple(r['range']) if r['schedule'] == 'hessian' else '-'} | {r['ppl']:.3f} | "
+            f"{'[%g, %g]' % tuple(r['range']) if r['schedule'] == 'hessian' else '-'} | "
+            f"{r.get('normalise', 'none') if r['schedule'] == 'hessian' else '-'} | {r.get('sink_weight', 1.0):g} | "
+            f"{r['ppl']:.3f} | "
             f"{r['achieved_sparsity']:.4f} | {r['loss_sum']:.4g} | {sched:.1f} | {r['prune_seconds']:.0f} |")
     return "\n".join(rows)
 
@@ -139,13 +150,14 @@ class _EstimateProbe:
     def __init__(self, target):
         self.target, self.rows = target, []
 
-    def prepass_observe(self, index, stats, weights):
+    def prepass_observe(self, index, stats, weights, residual_energy=None):
         from pyprune.schedule.estimate import estimate_linears_both
 
         t0 = time.time()
         undamped, damped = estimate_linears_both(weights, stats, [self.target])
         self.rows.append({"layer": index, "undamped": sum(v[0] for v in undamped.values()),
-                          "damped": sum(v[0] for v in damped.values()), "seconds": time.time() - t0})
+                          "damped": sum(v[0] for v in damped.values()), "residual_energy": residual_energy,
+                          "seconds": time.time() - t0})
 
     def finish_prepass(self, seconds):
         self.seconds = seconds

@@ -73,7 +73,8 @@ def _add_solver_args(p):
 
 
 def _add_schedule_args(p):
-    from pyprune.schedule import DEFAULT_LAMBDA, DEFAULT_LEVELS, DEFAULT_M, DEFAULT_RANGE, SCHEDULES
+    from pyprune.schedule import (DEFAULT_LAMBDA, DEFAULT_LEVELS, DEFAULT_M, DEFAULT_NORMALISATION, DEFAULT_RANGE,
+                                  NORMALISATIONS, SCHEDULES)
 
     g = p.add_argument_group("layer-wise sparsity")
     g.add_argument("--schedule", default="uniform", choices=SCHEDULES,
@@ -83,6 +84,9 @@ def _add_schedule_args(p):
     g.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="hessian schedule: error levels")
     g.add_argument("--schedule-granularity", default="layer", choices=["layer", "linear"],
                    help="hessian schedule: one sparsity per decoder layer or per Linear")
+    g.add_argument("--schedule-normalise", default=DEFAULT_NORMALISATION, choices=NORMALISATIONS,
+                   help="hessian schedule: divide each estimate by nothing, by the layer's output energy, "
+                        "or by the residual stream's energy (default %(default)s)")
     g.add_argument("--owl-m", type=float, default=DEFAULT_M, help="OWL outlier threshold (x mean score)")
     g.add_argument("--owl-lambda", type=float, default=DEFAULT_LAMBDA, help="OWL sparsity spread around the target")
 
@@ -341,6 +345,7 @@ def cmd_prune(args):
     target = _target(args)
     schedule = make_schedule(args.schedule, target, sparsity_range=tuple(args.sparsity_range), levels=args.levels,
                              granularity=args.schedule_granularity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                             normalise=args.schedule_normalise,
                              damp=args.damp)
     solver_reads = None if args.method == "none" else statistics_needed(args.method)
     gptq = args.wbits == 4 and args.quant_method == "gptq"

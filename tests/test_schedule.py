@@ -291,6 +291,45 @@ def test_output_normalised_scores_are_scale_free():
         make_schedule("hessian", 0.7, normalise="energy")
 
 
+def test_residual_normalised_scores_divide_by_the_residual_energy():
+    """Equal OBS losses: the layer writing into the larger residual stream gets the smaller score,
+    hence the higher sparsity."""
+    X = correlated_inputs(256, 32, seed=9)
+    stats = {"a": stats_of(X)}
+    W = {"a": torch.randn(16, 32, generator=torch.Generator().manual_seed(9))}
+    schedule = HessianSchedule(SparsityPattern(sparsity=0.7), normalise="residual", levels=2)
+    schedule.prepass_observe(0, stats, W, residual_energy=2.0)
+    schedule.prepass_observe(1, stats, W, residual_energy=200.0)
+    assert schedule.units[0].dense == pytest.approx(100.0 * schedule.units[1].dense, rel=1e-6)
+    schedule.finish_prepass()
+    assert schedule.plan.sparsities[0] < 0.7 < schedule.plan.sparsities[1]
+    with pytest.raises(ValueError, match="residual energy of layer 0"):
+        HessianSchedule(SparsityPattern(sparsity=0.7), normalise="residual").prepass_observe(0, stats, W)
+
+
+def test_prepass_hands_each_layer_its_output_residual_energy():
+    """The energy is the mean squared norm of the layer's output per token, position 0 left out."""
+    model = deep_llama(layers=3)
+    tokens = calib()
+    seen = {}
+
+    class Probe:
+        name, prepass_statistics = "probe", "input_norms"
+
+        def prepass_observe(self, index, norms, weights, residual_energy=None):
+            seen[index] = residual_energy
+
+        def finish_prepass(self, seconds):
+            pass
+
+    run_prepass(Probe(), model, tokens, options())
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    for index in range(2):  # the last entry of hidden_states is after the final norm
+        expected = hidden[index + 1][:, 1:].double().pow(2).sum(-1).mean().item()
+        assert seen[index] == pytest.approx(expected, rel=1e-5)
+
+
 def test_per_linear_granularity():
     model = deep_llama(layers=2)
     schedule = make_schedule("hessian", 0.7, granularity="linear", levels=4)

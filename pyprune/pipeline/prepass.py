@@ -11,6 +11,8 @@ What is collected depends on ``schedule.prepass_statistics``:
 ``"hessian"``: each Linear's :class:`LayerStats` (as the pruning pass collects them);
 ``"input_norms"``: each Linear's per-input RMS ``sqrt(mean x_j^2)`` (a 1-D tensor), i.e. only the
 diagonal, which is all OWL's Wanda scores need.
+Every schedule also receives ``residual_energy``: the mean squared norm of the layer's output
+(the residual stream it writes into) per token, the first token of each window left out.
 
 Memory: one activation buffer, kept where ``options.activations`` says (device, cpu or disk) and
 updated in place batch by batch, and one layer's statistics at a time; the buffer is freed before
@@ -57,15 +59,21 @@ def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
             collector = (HessianCollector if kind == "hessian" else InputNormCollector)(
                 linears, device, sink_weight=getattr(options, "sink_weight", 1.0))
             last = index + 1 == len(layers)
+            energy, counted = 0.0, 0
             with collector:
                 for start in range(0, inputs.shape[0], batch_size):
                     collector.new_batch()
                     batch = store.batch(inputs, start, batch_size, device)
                     out = run_layer(layer, batch, kwargs[batch.shape[0]])
+                    # Skip position 0: the attention sink's residual norm is orders of magnitude above
+                    # every other token's and would set the scale alone.
+                    energy += out[:, 1:].double().pow(2).sum().item()
+                    counted += out[:, 1:, 0].numel()
                     if not last:  # each window depends only on itself, so the buffer is reused in place
                         store.put(inputs, start, out)
             stats = collector.stats if kind == "hessian" else collector.rms
-            schedule.prepass_observe(index, stats, {name: weight_matrix(m) for name, m in linears})
+            schedule.prepass_observe(index, stats, {name: weight_matrix(m) for name, m in linears},
+                                     residual_energy=energy / max(counted, 1))
             layers[index] = layer.to("cpu")
         del inputs
     finally:

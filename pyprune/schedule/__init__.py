@@ -3,7 +3,8 @@
 Schedules that need every layer's statistics before pruning starts (``owl``, ``hessian``) have
 ``needs_prepass()``; the pipeline then runs ``pyprune.pipeline.prepass.run_prepass`` first.
 """
-from pyprune.schedule.hessian import DEFAULT_LEVELS, DEFAULT_RANGE, GRANULARITIES, NORMALISATIONS, HessianSchedule
+from pyprune.schedule.hessian import (DEFAULT_LEVELS, DEFAULT_NORMALISATION, DEFAULT_RANGE, GRANULARITIES,
+                                     NORMALISATIONS, HessianSchedule)
 from pyprune.schedule.owl import DEFAULT_LAMBDA, DEFAULT_M, OWLSchedule
 from pyprune.schedule.uniform import UniformSchedule
 from pyprune.solvers.pattern import SparsityPattern
@@ -13,7 +14,8 @@ SCHEDULES = ("uniform", "owl", "hessian")
 
 def make_schedule(name: str, target, *, sparsity_range=DEFAULT_RANGE, levels: int = DEFAULT_LEVELS,
                   granularity: str = "layer", owl_m: float = DEFAULT_M, owl_lambda: float = DEFAULT_LAMBDA,
-                  damp: float = 0.01, online: bool = True, undamped: bool = True, normalise: str = "none"):
+                  damp: float = 0.01, online: bool = True, undamped: bool = True,
+                  normalise: str = DEFAULT_NORMALISATION):
     """Build a schedule by name. ``target``: a :class:`SparsityPattern` or a sparsity.
 
     Options a schedule does not use are ignored (``levels`` means nothing to ``owl``). Every value
@@ -32,6 +34,6 @@ def make_schedule(name: str, target, *, sparsity_range=DEFAULT_RANGE, levels: in
 
 
 __all__ = [
-    "DEFAULT_LAMBDA", "DEFAULT_LEVELS", "DEFAULT_M", "DEFAULT_RANGE", "GRANULARITIES", "SCHEDULES",
-    "NORMALISATIONS", "HessianSchedule", "OWLSchedule", "UniformSchedule", "make_schedule",
+    "DEFAULT_LAMBDA", "DEFAULT_LEVELS", "DEFAULT_M", "DEFAULT_NORMALISATION", "DEFAULT_RANGE", "GRANULARITIES",
+    "NORMALISATIONS", "SCHEDULES", "HessianSchedule", "OWLSchedule", "UniformSchedule", "make_schedule",
 ]

@@ -5,11 +5,15 @@ its pruning loss at the target sparsity (``estimate.py``; a layer's estimate is 
 Linears); the log estimates are clustered into levels and mapped into ``[lo, hi]`` with the
 parameter-weighted mean equal to the target (``levels.py``).
 
-``normalise="none"`` (default, as in the paper) clusters the estimates themselves: mean per-token
-squared output error, one scale for all layers. ``normalise="output"`` divides each unit's
-estimate by its dense output energy ``0.5 tr(W H W^T)`` (the fraction of its output that pruning
-destroys), which removes the growth of activations with depth but is dominated by layers with
-massive activations.
+``normalise="none"`` (as in the paper) clusters the estimates themselves: mean per-token squared
+output error, one scale for all layers. ``normalise="output"`` divides each unit's estimate by its
+dense output energy ``0.5 tr(W H W^T)`` (the fraction of its output that pruning destroys), which
+removes the growth of activations with depth but is dominated by layers with massive activations.
+``normalise="residual"`` divides it by the mean squared norm of the residual stream the layer
+writes into (from the dense pre-pass, the first token of each window left out): every later layer
+reads the residual stream through an RMS norm, so an error matters in proportion to the stream's
+size, not in absolute units. In absolute units the estimates grow with depth as the stream does,
+and the raw schedule prunes the first layers hardest, whose errors every later layer inherits.
 
 Where the statistics come from. Clustering needs every unit's estimate before layer 0 is pruned,
 but the estimate of layer ``l`` should use the inputs layer ``l`` really sees (after layers
@@ -28,6 +32,7 @@ but the estimate of layer ``l`` should use the inputs layer ``l`` really sees (a
    units, and the sparsities of layers ``>= l`` are re-solved for the budget that layers ``< l``
    left, so the final mean is still the target exactly. Layer ``l`` is then fixed. The re-solve is
    always feasible: the remaining budget was met inside the range by the previous solve.
+   The residual energies (``normalise="residual"``) stay the dense pre-pass's.
 
 With ``online=False`` the dense plan is used as it is. Each plan is monotone in the estimates it
 was made from; with online correction a layer fixed early keeps its sparsity even if a later
@@ -45,7 +50,8 @@ from pyprune.solvers.pattern import SparsityPattern
 DEFAULT_LEVELS = 4
 DEFAULT_RANGE = (0.6, 0.8)
 GRANULARITIES = ("layer", "linear")
-NORMALISATIONS = ("none", "output")
+NORMALISATIONS = ("none", "output", "residual")
+DEFAULT_NORMALISATION = "none"
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Unit:
     real: Optional[float] = None  # allocation score from the statistics the pipeline passed to observe()
     linears: Dict[str, float] = field(default_factory=dict)  # per-Linear OBS loss estimates (latest source)
     energies: Dict[str, float] = field(default_factory=dict)  # per-Linear output energies (latest source)
+    residual: float = 0.0  # mean squared residual-stream norm after the layer (dense pre-pass)
     level: Optional[int] = None  # level and sparsity once fixed (handed to the solver)
     sparsity: Optional[float] = None
 
@@ -68,7 +75,7 @@ class HessianSchedule:
 
     def __init__(self, target, sparsity_range=DEFAULT_RANGE, levels: int = DEFAULT_LEVELS,
                  granularity: str = "layer", damp: float = 0.01, blocksize: int = 128, online: bool = True,
-                 undamped: bool = True, normalise: str = "none"):
+                 undamped: bool = True, normalise: str = DEFAULT_NORMALISATION):
         target = _unstructured(target, self.name)
         lo, hi = (float(x) for x in sparsity_range)
         lv.check_range(target.sparsity, lo, hi)
@@ -104,15 +111,19 @@ class HessianSchedule:
     def needs_prepass(self) -> bool:
         return self.plan is None
 
-    def prepass_observe(self, layer_index, stats_by_name, weights_by_name):
+    def prepass_observe(self, layer_index, stats_by_name, weights_by_name, residual_energy=None):
         if layer_index == 0:
             self.units = []
+        if self.normalise == "residual" and not (residual_energy and residual_energy > 0):
+            raise ValueError(f"normalise='residual' needs the residual energy of layer {layer_index}; "
+                             f"got {residual_energy!r}")
         t0 = time.time()
         estimates, energies = self._estimate(weights_by_name, stats_by_name)
         for group in self._group(weights_by_name):
             params = sum(weights_by_name[n].numel() for n in group)
             unit = Unit(layer_index, group[0] if self.granularity == "linear" else None, params, 0.0,
-                        linears={n: estimates[n] for n in group}, energies={n: energies.get(n, 0.0) for n in group})
+                        linears={n: estimates[n] for n in group}, energies={n: energies.get(n, 0.0) for n in group},
+                        residual=float(residual_energy or 0.0))
             unit.dense = self._score(unit)
             self.units.append(unit)
         self.seconds["prepass_estimates"] += time.time() - t0
@@ -165,7 +176,8 @@ class HessianSchedule:
                 "layer": u.layer, "name": u.name, "parameters": u.parameters,
                 "estimate": u.real if u.real is not None else u.dense, "estimate_dense": u.dense,
                 "estimate_real": u.real, "loss_estimate": sum(u.linears.values()),
-                "output_energy": sum(u.energies.values()), "linear_estimates": u.linears,
+                "output_energy": sum(u.energies.values()), "residual_energy": u.residual,
+                "linear_estimates": u.linears,
                 "log_estimate": self.plan.log_errors[i], "level": levels[i],
                 "sparsity": sparsities[i],
             } for i, u in enumerate(self.units)],
@@ -197,12 +209,13 @@ class HessianSchedule:
         return {n: c[0] for n, c in curves.items()}, energies
 
     def _score(self, unit):
-        """What the levels are made from: the OBS loss estimate, or with ``normalise="output"`` the
-        fraction of the unit's output energy it destroys (scale-free across depth)."""
+        """What the levels are made from: the OBS loss estimate, divided by the unit's output energy
+        (``normalise="output"``) or by the residual stream's energy (``"residual"``)."""
         loss = sum(unit.linears.values())
         if self.normalise == "none":
             return loss
-        return loss / max(sum(unit.energies.values()), 1e-30)
+        scale = sum(unit.energies.values()) if self.normalise == "output" else unit.residual
+        return loss / max(scale, 1e-30)
 
     def _group(self, weights_by_name):
         names = list(weights_by_name)

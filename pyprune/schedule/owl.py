@@ -93,7 +93,7 @@ class OWLSchedule:
     def needs_prepass(self) -> bool:
         return not self.planned
 
-    def prepass_observe(self, layer_index, norms_by_name, weights_by_name):
+    def prepass_observe(self, layer_index, norms_by_name, weights_by_name, residual_energy=None):
         if layer_index == 0:
             self.layers = []
         t0 = time.time()
