@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pyprune.data.calibration_file import (CalibrationFileError, load_calibration,
                                            save_calibration)
-from pyprune.data.self_calibration import (generate_calibration, resolve_prefix,
+from pyprune.data import self_calibration
+from pyprune.data.self_calibration import (generate_calibration, preallocated_cache, resolve_prefix,
                                            sample_next_token, sampling_uniforms)
 
 BOS, EOS, VOCAB = 1, 2, 96
@@ -40,6 +41,20 @@ def gen(model, n=5, L=12, **kw):
     kw.setdefault("batch_size", 2)
     kw.setdefault("progress", False)
     return generate_calibration(model, None, n, L, **kw)
+
+
+def test_preallocated_cache_gives_the_tokens_of_the_library_cache(monkeypatch):
+    model = tiny_llama()
+    cache = preallocated_cache(model, 40)
+    assert cache is not None, "this transformers version should take the preallocated layers"
+    fast, _ = gen(model, n=3, L=40, seed=5, batch_size=3)
+    monkeypatch.setattr(self_calibration, "preallocated_cache", lambda model, capacity: None)
+    plain, _ = gen(model, n=3, L=40, seed=5, batch_size=3)
+    assert torch.equal(fast, plain)
+    # Asking for more positions than preallocated is an error, not a silent overwrite.
+    layer = cache.layers[0]
+    with pytest.raises(ValueError, match="holds 40 positions"):
+        layer.update(torch.zeros(1, 2, 41, 8), torch.zeros(1, 2, 41, 8))
 
 
 def test_exact_shape_prefix_and_determinism():
