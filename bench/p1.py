@@ -68,6 +68,7 @@ CONFIGS = {
                               "--sink-weight", "1"],
     "sparsegpt-50-sink256-self": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256", SELF],
     "sparsegpt-2of4-sink256-self": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "256", SELF],
+    "sparsegpt-2of4-self": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1", SELF],
     "admm-grad-70-self": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF],
 }
 

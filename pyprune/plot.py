@@ -44,7 +44,7 @@ def per_layer(records):
 def _schedule_per_layer(units):
     """Layer -> assigned sparsity (weighted), estimates (summed), level (of the layer's largest unit)."""
     out = defaultdict(lambda: {"w": 0.0, "p": 0, "est": 0.0, "dense": 0.0, "has_real": True, "level": None,
-                               "ratio": None, "biggest": -1, "loss_est": 0.0, "energy": 0.0})
+                               "ratio": None, "biggest": -1, "loss_est": 0.0})
     for u in units:
         e = out[u["layer"]]
         e["w"] += u["sparsity"] * u["parameters"]
@@ -54,7 +54,6 @@ def _schedule_per_layer(units):
             e["dense"] += u.get("estimate_dense") or 0.0
             e["has_real"] &= u.get("estimate_real") is not None
             e["loss_est"] += u.get("loss_estimate", u["estimate"])
-            e["energy"] += u.get("output_energy") or 0.0
         if "outlier_ratio" in u:
             e["ratio"] = u["outlier_ratio"]
         if u["parameters"] > e["biggest"]:
@@ -126,10 +125,12 @@ def plot_report(report, out: str = None) -> str:
                             label="OBS estimate (dense pre-pass)")
     bottom.set_ylabel("loss (mean per-token squared error)")
     bottom.grid(alpha=0.3, which="both")
-    if planned and normalised and any(planned[k]["energy"] > 0 for k in layers):
+    if planned and normalised and any(planned[k]["est"] > 0 for k in layers):
+        by = {"output": "output energy", "residual": "residual-stream energy"}.get(schedule["normalise"],
+                                                                                 schedule["normalise"])
         twin = bottom.twinx()
-        twin.semilogy(layers, [planned[k]["loss_est"] / planned[k]["energy"] for k in layers], "d--",
-                      color="tab:purple", ms=3, label="estimate / output energy (allocation score)")
+        twin.semilogy(layers, [planned[k]["est"] for k in layers], "d--",
+                      color="tab:purple", ms=3, label=f"estimate / {by} (allocation score)")
         twin.set_ylabel("relative estimate")
         twin.legend(loc="lower right", fontsize=8)
     if planned and any(planned[k]["ratio"] is not None for k in layers):

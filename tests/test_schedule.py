@@ -9,7 +9,7 @@ from pyprune.models import decoder_layers, prunable_linears, weight_matrix
 from pyprune.ops.hessian import accumulate_hessian, inverse_hessian_factor
 from pyprune.pipeline import RunOptions, prune_model
 from pyprune.pipeline.prepass import run_prepass
-from pyprune.schedule import HessianSchedule, OWLSchedule, make_schedule
+from pyprune.schedule import NORMALISATIONS, HessianSchedule, OWLSchedule, make_schedule
 from pyprune.schedule.estimate import estimate_linears, obs_error, obs_error_curve, obs_scores
 from pyprune.schedule.levels import allocate, cluster_1d, fit_mean, weighted_mean
 from pyprune.schedule.owl import outlier_ratio, owl_sparsities
@@ -420,10 +420,11 @@ def test_nm_target_with_a_non_uniform_schedule_fails_before_any_work():
 
 # -- the picture ---------------------------------------------------------------------------------
 
-def test_plot_draws_a_png_from_a_report(tmp_path):
+@pytest.mark.parametrize("normalise", NORMALISATIONS)
+def test_plot_draws_a_png_from_a_report(tmp_path, normalise):
     from pyprune.plot import plot_report
 
-    schedule = make_schedule("hessian", 0.7, levels=3)
+    schedule = make_schedule("hessian", 0.7, levels=3, normalise=normalise)
     result = prune_model(tiny_model("llama"), calib(), "sparsegpt", schedule, {}, options())
     report = {"schedule": schedule.describe(), "linears": result["records"], "model": "tiny"}
     path = tmp_path / "r.json"
