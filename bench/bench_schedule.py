@@ -270,6 +270,10 @@ def main(argv=None):
         print(f"run {cfg['name']}", flush=True)
         result, report = run_one(cfg, args, device)
         result["protocol"] = protocol
+        if os.path.isfile(path):  # another process may have added runs meanwhile: keep them
+            on_disk = json.load(open(path))
+            if on_disk.get("protocol") == protocol:
+                saved["runs"] = on_disk["runs"]
         saved["runs"] = [r for r in saved["runs"] if r["name"] != cfg["name"]] + [result]
         saved["protocol"] = protocol
         with open(os.path.join(folder, cfg["name"] + ".json"), "w") as f:
