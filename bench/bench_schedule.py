@@ -13,7 +13,8 @@ Groups (``--group``):
   levels  hessian at 0.7 with 2, 3, 6, 8 levels, both solvers                            8 runs
   range   hessian at 0.7 with ranges [0.65, 0.75] and [0.5, 0.9], both solvers           4 runs
   variant hessian at 0.7 without online correction, per Linear, and with the estimate
-          normalised by each layer's output energy, both solvers                                      6 runs
+          with the other normalisations of the estimate (none, output), both solvers                 8 runs
+  sink    sparsegpt at 0.7 with plain statistics (--sink-weight 1), uniform, owl, hessian      3 runs
 On 2 CPU cores a configuration takes ~10 min (prune + 40 eval windows); on a GPU well under one.
 Results accumulate in ``bench/results/schedule_p1.json`` (finished configurations are skipped
 when the script is run again; ``--redo`` runs them again), a Markdown table in
@@ -68,8 +69,9 @@ def groups():
     variant = [config("hessian", m, 0.7, online=False) for m in solvers] + \
         [config("hessian", m, 0.7, granularity="linear") for m in solvers] + \
         [config("hessian", m, 0.7, normalise=n) for m in solvers for n in NORMALISATIONS if n != DEFAULT_NORMALISATION]
-    return {"main": main, "levels": levels, "range": ranges, "variant": variant,
-            "all": main + levels + ranges + variant}
+    sink = [config(s, "sparsegpt", 0.7, sink=1) for s in ("uniform", "owl", "hessian")]
+    return {"main": main, "levels": levels, "range": ranges, "variant": variant, "sink": sink,
+            "all": main + levels + ranges + variant + sink}
 
 
 def cli_command(cfg, args):
