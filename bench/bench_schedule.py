@@ -9,11 +9,12 @@ estimates, allocation) and the pruning seconds.
 
 Groups (``--group``):
   main    targets 0.7 and 0.75 x solvers sparsegpt, admm x schedules uniform, owl, hessian
-          (hessian: 4 levels, range [0.6, 0.8], per decoder layer, online correction)  12 runs
+          (hessian: 4 levels, range [0.6, 0.8], per decoder layer, online correction,
+          residual normalisation)                                                      12 runs
   levels  hessian at 0.7 with 2, 3, 6, 8 levels, both solvers                            8 runs
   range   hessian at 0.7 with ranges [0.65, 0.75] and [0.5, 0.9], both solvers           4 runs
-  variant hessian at 0.7 without online correction, per Linear, and with the estimate
-          with the other normalisations of the estimate (none, output), both solvers                 8 runs
+  variant hessian at 0.7 without online correction, per Linear, and with the other
+          normalisations of the estimate (none, output), both solvers                        8 runs
   sink    sparsegpt at 0.7 with plain statistics (--sink-weight 1), uniform, owl, hessian      3 runs
 On 2 CPU cores a configuration takes ~10 min (prune + 40 eval windows); on a GPU well under one.
 Results accumulate in ``bench/results/schedule_p1.json`` (finished configurations are skipped
