@@ -67,7 +67,7 @@ CONFIGS = {
     "admm-grad-70-int4-g64": ["--method", "admm", "--sparsity", "0.7", "--wbits", "4", "--groupsize", "64",
                               "--sink-weight", "1"],
     "sparsegpt-50-sink256-self": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256", SELF],
-    "sparsegpt-2of4-sink256-self": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "256", SELF],
+    "sparsegpt-50-self": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "1", SELF],
     "sparsegpt-2of4-self": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1", SELF],
     "admm-grad-70-self": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF],
 }
