@@ -345,8 +345,7 @@ def cmd_prune(args):
     target = _target(args)
     schedule = make_schedule(args.schedule, target, sparsity_range=tuple(args.sparsity_range), levels=args.levels,
                              granularity=args.schedule_granularity, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                             normalise=args.schedule_normalise,
-                             damp=args.damp)
+                             normalise=args.schedule_normalise, damp=args.damp)
     solver_reads = None if args.method == "none" else statistics_needed(args.method)
     gptq = args.wbits == 4 and args.quant_method == "gptq"
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"

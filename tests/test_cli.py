@@ -155,11 +155,17 @@ def test_hessian_schedule_and_plot(tiny_saved_model, tmp_path):
                            "--sparsity-range", "0.6", "0.8", "--levels", "2", "--report", str(path))) == 0
     report = json.loads(path.read_text())
     assert report["totals"]["achieved_sparsity"] == pytest.approx(0.7, abs=2e-3)
+    assert report["schedule"]["normalise"] == "residual"
+    assert all(u["residual_energy"] > 0 for u in report["schedule"]["units"])
     per_layer = {r["name"].split(".")[2]: r["target_sparsity"] for r in report["linears"]}
     assert all(0.6 - 1e-9 <= s <= 0.8 + 1e-9 for s in per_layer.values())
     png = tmp_path / "plot.png"
     assert main(["plot", str(path), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    raw = tmp_path / "raw.json"
+    assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "hessian",
+                           "--schedule-normalise", "none", "--report", str(raw))) == 0
+    assert json.loads(raw.read_text())["schedule"]["normalise"] == "none"
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
