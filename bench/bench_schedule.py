@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from pyprune.pipeline.statistics import default_sink_weight
 from pyprune.schedule import DEFAULT_NORMALISATION, NORMALISATIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,13 +46,12 @@ RESULTS = os.path.join(HERE, "results")
 DATA = os.environ.get("PYPRUNE_DATA_DIR", os.path.join(HERE, "..", "..", "shared", "data"))
 
 
-SINK_DEFAULT = {"sparsegpt": 256.0, "admm": 1.0}  # the CLI's --sink-weight default per solver
 NORMALISE_TAG = {"none": "", "output": "-outnorm", "residual": "-resnorm"}
 
 
 def config(schedule, method, target, levels=4, lo=0.6, hi=0.8, granularity="layer", online=True,
            normalise=DEFAULT_NORMALISATION, sink=None):
-    sink = SINK_DEFAULT[method] if sink is None else float(sink)
+    sink = default_sink_weight(method) if sink is None else float(sink)
     name = f"{schedule}-{method}-{target:g}"
     if schedule == "hessian":
         name += f"-L{levels}-r{lo:g}-{hi:g}" + ("" if granularity == "layer" else "-linear") + \

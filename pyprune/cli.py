@@ -338,7 +338,7 @@ def cmd_prune(args):
     from pyprune.models.families import LAYER_PATHS
     from pyprune.pipeline import RunOptions, prune_model
     from pyprune.pipeline.report import totals, versions, write_report
-    from pyprune.pipeline.statistics import SINK_WEIGHT
+    from pyprune.pipeline.statistics import default_sink_weight
     from pyprune.schedule import make_schedule
     from pyprune.solvers import statistics_needed
 
@@ -350,7 +350,7 @@ def cmd_prune(args):
     gptq = args.wbits == 4 and args.quant_method == "gptq"
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
     if args.sink_weight is None:
-        args.sink_weight = SINK_WEIGHT if args.method == "sparsegpt" or (args.method == "none" and gptq) else 1.0
+        args.sink_weight = default_sink_weight(args.method, gptq)
     calib = _calibration_source(args) if needs_calibration else None
     _check_inputs_before_loading(args, target, needs_calibration, calib)
     if args.resume and args.wbits == 4:

@@ -36,6 +36,12 @@ class StatisticsComplete(Exception):
 SINK_WEIGHT = 256.0
 
 
+def default_sink_weight(method: str, gptq: bool = False) -> float:
+    """The sink weight a run uses when none is given: ``SINK_WEIGHT`` for sparsegpt and for GPTQ
+    without pruning, 1 otherwise."""
+    return SINK_WEIGHT if method == "sparsegpt" or (method == "none" and gptq) else 1.0
+
+
 def sink_weighted_rows(source: torch.Tensor, sink_weight: float) -> torch.Tensor:
     """``[tokens, features]`` rows of a ``[batch, seq, features]`` input, position 0 scaled by
     ``sqrt(sink_weight)`` (so its outer product counts ``sink_weight`` times)."""
