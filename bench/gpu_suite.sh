@@ -40,10 +40,12 @@ for step in $steps; do
       PYPRUNE_EXPECT_EXTENSION=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_extension_bindings.py 2>&1 | tail -15 | tee -a "$LOG" ;;
     serving)
       phase serving
-      timeout ${SERVING_TIMEOUT:-500} python3 bench/bench_serving_kernels.py --out-dir "$OUT/results" 2>&1 | tail -60 | tee -a "$LOG" ;;
+      timeout ${SERVING_TIMEOUT:-500} python3 bench/bench_serving_kernels.py --out-dir "$OUT/results" > "$OUT/serving.txt" 2>&1
+      tail -60 "$OUT/serving.txt" | tee -a "$LOG" ;;
     serving-quick)
       phase serving-quick
-      timeout 200 python3 bench/bench_serving_kernels.py --quick --e2e-layers 8 --out-dir "$OUT/results" 2>&1 | tail -40 | tee -a "$LOG" ;;
+      timeout ${SERVING_TIMEOUT:-300} python3 bench/bench_serving_kernels.py --quick --e2e-layers 8 --out-dir "$OUT/results" > "$OUT/serving.txt" 2>&1
+      tail -40 "$OUT/serving.txt" | tee -a "$LOG" ;;
   esac
 done
 tar -czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"

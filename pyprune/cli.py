@@ -65,8 +65,8 @@ def _add_solver_args(p):
     g.add_argument("--admm-reselect", default="final", choices=["schedule", "final"],
                    help="gradual unstructured masks: follow the cubic schedule or re-select at the final sparsity")
     g.add_argument("--admm-per-row", action="store_true", help="gradual unstructured mask chosen per output row")
-    g.add_argument("--admm-precision", default="fp32", choices=["fp32", "tf32"],
-                   help="matmuls of the ADMM iterations on CUDA (tf32: tensor cores; the final solve stays fp32)")
+    g.add_argument("--admm-precision", default="fp32", choices=["fp32", "tf32", "fp16"],
+                   help="matmuls of the ADMM iterations on CUDA (tf32, fp16: tensor cores; the final solve stays fp32)")
     g.add_argument("--final-solve", dest="final_solve", action="store_true", default=True,
                    help="finish ADMM with the exact solve on the final mask (default)")
     g.add_argument("--no-final-solve", dest="final_solve", action="store_false")

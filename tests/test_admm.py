@@ -212,7 +212,7 @@ def test_registered_and_rejects_bad_options():
     for kwargs, text in [({"mask": "random"}, "mask='random'"), ({"reselect": "never"}, "reselect"),
                          ({"iters": 0}, "iters=0"), ({"mask_steps": 30}, "mask_steps=30"),
                          ({"rho": 0.0}, "rho=0.0"), ({"damp": -1.0}, "damp=-1.0"),
-                         ({"final_method": "lu"}, "final_method"), ({"precision": "fp16"}, "precision='fp16'"),
+                         ({"final_method": "lu"}, "final_method"), ({"precision": "bf16"}, "precision='bf16'"),
                          ({"quant": object()}, "quantize")]:
         with pytest.raises(ValueError, match=text):
             admm.solve(W, stats, p, **kwargs)
@@ -222,12 +222,25 @@ def test_registered_and_rejects_bad_options():
         admm.solve(torch.randn(8, 12), LayerStats(torch.eye(12), 1), SparsityPattern(n=4, m=8))
 
 
-def test_tf32_precision_is_recorded_and_a_no_op_on_cpu():
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_reduced_precision_is_recorded_and_a_no_op_on_cpu(precision):
     W, stats = correlated_layer(rows=32, cols=64)
     a = admm.solve(W, stats, SparsityPattern(0.6))
-    b = admm.solve(W, stats, SparsityPattern(0.6), precision="tf32")
-    assert b.info["precision"] == "tf32" and a.info["precision"] == "fp32"
+    b = admm.solve(W, stats, SparsityPattern(0.6), precision=precision)
+    assert b.info["precision"] == precision and a.info["precision"] == "fp32"
     assert torch.equal(a.pruned, b.pruned) and torch.equal(a.weight, b.weight)
+
+
+def test_primal_update_without_the_base_term_matches_the_normal_equations():
+    """W0 + (rho (Z - U) - rho W0) A^-1 is the solution of W A = W0 Hd + rho (Z - U)."""
+    torch.manual_seed(0)
+    W0, Z, U = torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    X = torch.randn(40, 10, dtype=torch.float64)
+    Hd, rho = X.t() @ X / 40 + 0.1 * torch.eye(10, dtype=torch.float64), 0.7
+    A = Hd + rho * torch.eye(10, dtype=torch.float64)
+    primal = admm._primal_solver(W0, torch.linalg.inv(A), rho, "fp32")
+    W = primal(rho * (Z - U))
+    assert torch.allclose(W @ A, W0 @ Hd + rho * (Z - U), atol=1e-10)
 
 
 @pytest.mark.cuda
@@ -240,3 +253,14 @@ def test_tf32_iterations_stay_close_to_fp32_on_cuda():
     assert torch.backends.cuda.matmul.allow_tf32 == before
     assert (tf32.pruned != fp32.pruned).float().mean() < 0.02
     assert tf32.loss < 1.02 * fp32.loss
+
+
+@pytest.mark.cuda
+def test_fp16_iterations_stay_close_to_fp32_on_cuda():
+    W, stats = correlated_layer(rows=256, cols=512)
+    W, stats = W.cuda() * 1e3, LayerStats(stats.H.cuda(), stats.nsamples)  # large weights: the row scaling matters
+    fp32 = admm.solve(W, stats, SparsityPattern(0.7), final_solve=False)
+    fp16 = admm.solve(W, stats, SparsityPattern(0.7), final_solve=False, precision="fp16")
+    assert torch.isfinite(fp16.weight).all()
+    assert (fp16.pruned != fp32.pruned).float().mean() < 0.02
+    assert fp16.loss < 1.02 * fp32.loss

@@ -61,15 +61,16 @@ VARIANTS = [
     KernelConfig(16, 32, 128, split_k=2, variant="split"),  # decode, packed tile loaded once
     KernelConfig(16, 16, 64, split_k=3, variant="tile"),  # decode with uneven split-K
     KernelConfig(32, 16, 32, group_m=2, variant="tile"),  # prefill, grouped tile order
+    KernelConfig(8, 16, 64, split_k=3, variant="gemv"),  # decode on the CUDA cores, uneven split-K
 ]
 
 
-@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill"])
+@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill", "gemv"])
 @pytest.mark.parametrize("fmt,groupsize", [("2:4", None), ("int4", -1), ("2:4-int4", 64)])
 def test_variants_match_reference(fmt, groupsize, config):
     if config.variant == "split" and fmt == "2:4-int4":
         config = KernelConfig(16, 32, 64, split_k=2, variant="split")  # G = 64 bounds BLOCK_K
-    m = 7 if config.block_m == 16 else 50
+    m = {16: 7, 8: 5}.get(config.block_m, 50)
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
 

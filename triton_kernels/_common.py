@@ -9,15 +9,19 @@ weight tile in registers and accumulating in fp32. Two paths:
   programs stream the weight, and a second tiny kernel sums the fp32 partials. Default variant
   ``"split"``: the compact packed tile is loaded once and multiplied field by field (one
   ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching strided
-  columns of x, which is tiny and cached).
+  columns of x, which is tiny and cached). Variant ``"gemv"`` (M <= 8): no tensor cores; each
+  program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K (contiguous per row),
+  decodes it in fp32 (4-bit codes through the float mantissa, no int-to-float conversion) and
+  reduces ``w * x_m`` over K with one pass per row of x: no padding of M to 16.
 * prefill (large ``M``): variant ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is
   rebuilt in registers (each packed word fetched by every lane that needs one of its fields,
   served from L1) and fed to one ``tl.dot`` against a contiguous x tile; 2-D tiles in grouped
   order for L2 reuse. Variant ``"dense"``: decode the weight with a Triton kernel and call
   ``torch.matmul`` (cuBLAS), a candidate for very large M.
 
-On a GPU the first call for a shape times a few candidate configurations (``triton.testing``)
-and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the heuristic default. Under
+On a GPU the first call for a shape times a few candidate configurations (in a CUDA graph, see
+``graph_time_ms``) and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the
+heuristic default, ``PYPRUNE_TRITON_TUNE=verbose`` prints every candidate's time. Under
 ``TRITON_INTERPRET=1`` one fixed small configuration is used and tile operands are upcast to fp32
 before ``tl.dot`` (the interpreter's bf16 dot is wrong).
 """
@@ -30,6 +34,8 @@ import triton
 import triton.language as tl
 
 DECODE_MAX_M = 16
+GEMV_MAX_M = 8
+VARIANTS = ("tile", "split", "gemv", "dense")
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -47,7 +53,7 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    variant: str = "tile"  # "tile", "split" (decode) or "dense" (see the module docstring)
+    variant: str = "tile"  # "tile", "split" / "gemv" (decode) or "dense" (see the module docstring)
 
 
 def next_pow2(x: int) -> int:
@@ -90,6 +96,7 @@ class KernelLimits:
 
     block_k_max: int
     split_block_k: int
+    gemv_block_k: int = 32  # smallest BLOCK_K of the "gemv" variant (one packed word per row)
 
     @property
     def split_ok(self) -> bool:
@@ -101,9 +108,18 @@ def _decode_config(N, K, bk, bn, variant, device, num_stages=3) -> KernelConfig:
     return KernelConfig(16, bn, bk, split_k=split, num_warps=4, num_stages=num_stages, variant=variant)
 
 
+def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3) -> KernelConfig:
+    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device)
+    return KernelConfig(next_pow2(M), bn, bk, split_k=split, num_warps=num_warps, num_stages=num_stages,
+                        variant="gemv")
+
+
 def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> KernelConfig:
     """The heuristic configuration (used by the interpreter and when tuning is off)."""
     if interpreting():
+        if M <= 2 and limits.block_k_max >= limits.gemv_block_k:
+            bk = limits.gemv_block_k
+            return KernelConfig(next_pow2(M), 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant="gemv")
         if M <= DECODE_MAX_M:
             if limits.split_ok:
                 bk, variant = limits.split_block_k, "split"
@@ -111,6 +127,8 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
                 bk, variant = min(32, limits.block_k_max), "tile"
             return KernelConfig(16, 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant=variant)
         return KernelConfig(32, 32, min(32, limits.block_k_max), split_k=1, num_warps=4, num_stages=1)
+    if M <= 2 and limits.block_k_max >= limits.gemv_block_k:
+        return _gemv_config(M, N, K, max(limits.gemv_block_k, min(128, limits.block_k_max)), 32, device)
     if M <= DECODE_MAX_M:
         if limits.split_ok:
             return _decode_config(N, K, max(limits.split_block_k, min(128, limits.block_k_max)), 64, "split", device)
@@ -127,9 +145,15 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
             for bk in (64, 128, 256):
                 bk = min(bk, limits.block_k_max)
                 variant = "split" if bk >= limits.split_block_k else "tile"
-                for stages in (2, 4):
-                    cands.append(_decode_config(N, K, bk, bn, variant, device, stages))
+                cands.append(_decode_config(N, K, bk, bn, variant, device))
         cands.append(_decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device))
+        if M <= GEMV_MAX_M:
+            for bn in (16, 32, 64):
+                for bk in (64, 128, 256):
+                    bk = min(bk, limits.block_k_max)
+                    if bk >= limits.gemv_block_k and bn * bk * next_pow2(M) <= 64 * 256:
+                        for warps in (4, 8):
+                            cands.append(_gemv_config(M, N, K, bk, bn, device, num_warps=warps))
     else:
         for bm, bn, bk, warps, stages in (
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
@@ -168,9 +192,12 @@ def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=
         best, best_ms = None, float("inf")
         for cfg in candidate_configs(M, N, K, limits, device, allow_dense):
             try:
-                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25)
+                ms = graph_time_ms(lambda: launch(cfg))
             except Exception:  # noqa: BLE001 - a config that does not fit this GPU is just skipped
+                torch.cuda.synchronize()
                 continue
+            if os.environ.get(TUNE_ENV) == "verbose":
+                print(f"tune {key[:5]}: {cfg} {ms * 1e3:.1f} us", flush=True)
             if ms < best_ms:
                 best, best_ms = cfg, ms
         if best is None:
@@ -179,16 +206,48 @@ def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=
         return best
 
 
+def graph_time_ms(fn, calls: int = 10, repeats: int = 5) -> float:
+    """GPU time of one ``fn()`` without the CPU's launch overhead: ``calls`` calls are recorded
+    once in a CUDA graph, the graph is replayed ``repeats`` times, the median per call is kept.
+    (Launch overhead is the same for every configuration and vanishes in graph-replayed decode;
+    timing eagerly would rank configurations by noise when kernels take a few microseconds.)"""
+    fn()  # compile and warm up outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def tuned_configs() -> dict:
     """What the tuner picked so far (for benchmark reports)."""
     return dict(_TUNED)
 
 
 def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
-    if cfg.variant not in ("tile", "split", "dense"):
-        raise ValueError(f"unknown kernel variant {cfg.variant!r}; allowed: tile, split, dense")
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {cfg.variant!r}; allowed: {', '.join(VARIANTS)}")
     if cfg.variant == "dense":
         return
+    if cfg.variant == "gemv" and (cfg.block_k < limits.gemv_block_k or M > cfg.block_m):
+        raise ValueError(
+            f"the gemv variant needs block_k >= {limits.gemv_block_k} and M <= block_m "
+            f"(got block_k={cfg.block_k}, M={M}, block_m={cfg.block_m})"
+        )
     if cfg.block_k > limits.block_k_max or limits.block_k_max % cfg.block_k:
         raise ValueError(f"block_k={cfg.block_k} must be a power of two dividing {limits.block_k_max}")
     if cfg.variant == "split" and (cfg.block_k < limits.split_block_k or M > cfg.block_m):
@@ -280,6 +339,25 @@ def load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K):
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def nibble_value(nib):
+    """A 4-bit code (int32 0..15, offset binary) as the float32 ``nib - 8``, exactly: the nibble
+    becomes the low mantissa bits of 2^23 (an OR and a subtract, no int-to-float conversion)."""
+    return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def gemv_rows(acc, w, x_ptr, offs_k, stride_xm, M, K, BLOCK_M: tl.constexpr):
+    """``acc[m, :] += sum_k w[:, k] * x[m, offs_k]`` for each row m < M of x (fp32 ``w
+    [BLOCK_N, BLOCK_K]``, ``acc [BLOCK_M, BLOCK_N]``)."""
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    for m in tl.static_range(BLOCK_M):
+        xm = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & (m < M), other=0.0).to(tl.float32)
+        part = tl.sum(w * xm[None, :], axis=1)
+        acc += tl.where(rows == m, part[None, :], 0.0)
+    return acc
 
 
 @triton.jit

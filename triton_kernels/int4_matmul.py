@@ -7,16 +7,18 @@ scale to the fp32 partial product: the dequantization is exact, whatever the act
 
 Variants (see ``_common``): ``tile`` rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split``
 (decode, needs G >= 128) loads the ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field
-i against x's columns ``8j + i``.
+i against x's columns ``8j + i``; ``gemv`` (M <= 8) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
+row's run along K is contiguous), spreads the 8 fields of a word into adjacent columns and reduces
+against x on the CUDA cores.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, grid_and_buffers,
-    interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_dtype,
-    store_result, tile_ids,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, gemv_rows,
+    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
+    store_dtype, store_result, tile_ids,
 )
 
 
@@ -79,6 +81,35 @@ def _int4_split_kernel(
 
 
 @triton.jit
+def _int4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # decode: one row tile holds all of x
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        word = t * (BLOCK_K // 8) + offs_w
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=offs_n[:, None] < N, other=0)
+        nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # field i of word j -> column 8j + i
+        w = nibble_value(tl.reshape(nibbles, (BLOCK_N, BLOCK_K)))
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        part = gemv_rows(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), w, x_ptr,
+                         t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K, BLOCK_M)
+        acc += part * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+_KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel, "gemv": _int4_gemv_kernel}
+
+
+@triton.jit
 def _int4_dequant_kernel(
     qw_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sg, GROUPSIZE,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -136,8 +167,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
             y = torch.matmul(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype).t())
             return y + bias if bias is not None else y
         grid, y, ws = grid_and_buffers(x2, n, cfg)
-        kernel = _int4_split_kernel if cfg.variant == "split" else _int4_tile_kernel
-        kernel[grid](
+        _KERNELS[cfg.variant][grid](
             x2, qweight, scales, bias if bias is not None else y, y, ws,
             m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,

@@ -44,6 +44,8 @@ def main() -> int:
     configs = [None,
                KernelConfig(16, 64, 128, split_k=4, variant="split"),
                KernelConfig(16, 32, 64, split_k=3, variant="tile"),
+               KernelConfig(4, 32, 128, split_k=3, variant="gemv"),
+               KernelConfig(8, 16, 64, split_k=2, num_warps=8, variant="gemv"),
                KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
                KernelConfig(128, 128, 64, num_warps=8, num_stages=3)]
     worst, failures = 0.0, 0
@@ -55,7 +57,7 @@ def main() -> int:
                     b = torch.randn(n, device=dev, dtype=dtype)
                     ref = (x.float() @ dense.t() + b.float()).to(dtype).float()
                     for cfg in configs:
-                        if cfg is not None and cfg.variant == "split" and m > 16:
+                        if cfg is not None and cfg.variant in ("split", "gemv") and m > cfg.block_m:
                             continue
                         if cfg is not None and name != "2:4" and g % cfg.block_k:
                             continue

@@ -6,18 +6,20 @@ fields 2(g%4), 2(g%4)+1 of word g//4), ``meta [K/32, N]`` int32 (as for 2:4) and
 group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exact dequantization.
 
 Variants (see ``_common``): ``tile`` rebuilds the dense code tile; ``split`` (decode, needs
-G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p.
+G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p;
+``gemv`` (M <= 8) loads ``[BLOCK_N, BLOCK_K/16]`` words (contiguous per row), rebuilds the dense
+code rows and reduces them against x on the CUDA cores.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, grid_and_buffers,
-    interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_dtype,
-    store_result, tile_ids,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, gemv_rows,
+    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
+    store_dtype, store_result, tile_ids,
 )
-from .sparse24_matmul import group_positions, kept_slots
+from .sparse24_matmul import group_positions, kept_slots, positions_by_row, spread_pairs
 
 
 @triton.jit
@@ -90,6 +92,40 @@ def _sparse24_int4_split_kernel(
 
 
 @triton.jit
+def _sparse24_int4_gemv_kernel(
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # decode: one row tile holds all of x
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_K // 4)
+    offs_w = tl.arange(0, BLOCK_K // 16)
+    shifts = tl.arange(0, 4) * 8
+    rows_ok = (offs_n < N)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        grp = t * (BLOCK_K // 4) + offs_g
+        i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, rows_ok)
+        words = tl.load(qv_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 16) + offs_w)[None, :],
+                        mask=rows_ok, other=0)
+        pairs = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xFF, (BLOCK_N, BLOCK_K // 4))
+        w = spread_pairs(nibble_value(pairs & 0xF), nibble_value(pairs >> 4), i0, i1, BLOCK_N, BLOCK_K)
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        part = gemv_rows(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), w, x_ptr,
+                         t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K, BLOCK_M)
+        acc += part * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+_KERNELS = {"tile": _sparse24_int4_tile_kernel, "split": _sparse24_int4_split_kernel,
+            "gemv": _sparse24_int4_gemv_kernel}
+
+
+@triton.jit
 def _sparse24_int4_dequant_kernel(
     qv_ptr, meta_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_mg, stride_sg, GROUPSIZE,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -150,8 +186,7 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
             y = torch.matmul(x2, w.t())
             return y + bias if bias is not None else y
         grid, y, ws = grid_and_buffers(x2, n, cfg)
-        kernel = _sparse24_int4_split_kernel if cfg.variant == "split" else _sparse24_int4_tile_kernel
-        kernel[grid](
+        _KERNELS[cfg.variant][grid](
             x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
             m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0),
             groupsize // cfg.block_k,

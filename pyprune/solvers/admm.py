@@ -5,9 +5,9 @@ The layer problem is ``min ||(W0 - W) X||^2`` subject to a sparsity mask. Work h
 normalised space where ``XX^T`` has unit diagonal (``Hn = D^-1/2 H D^-1/2``, ``Wn = W D^1/2``), so
 ``|Wn|`` is the Wanda score, and with dampening ``Hd = Hn + damp * I`` (``mean(diag Hn) = 1``).
 ADMM splits the weights into a dense ``W`` and a masked copy ``Z`` tied by the scaled dual ``U``;
-one Cholesky factorisation of ``Hd + rho I`` per layer serves every iteration:
+one inverse of ``A = Hd + rho I`` per layer serves every iteration:
 
-    W <- (W0 Hd + rho (Z - U)) (Hd + rho I)^-1        primal solve: one matmul
+    W <- (W0 Hd + rho (Z - U)) A^-1  =  W0 + rho (Z - U - W0) A^-1     primal solve: one matmul
     Z <- mask(W + U);  U <- U + W - Z                  projection + dual (pyprune.ops.admm_step)
 
 Masks (``mask=``):
@@ -47,8 +47,10 @@ MASKS = ("gradual", "wanda", "magnitude")
 RESELECT = ("final", "schedule")
 FINAL_METHODS = ("cg", "cholesky")
 # Precision of the iteration matmuls on CUDA: "tf32" runs them on the tensor cores (about 8x the
-# fp32 rate on an H100); the factorisation and the final solve stay fp32. No effect on CPU.
-PRECISIONS = ("fp32", "tf32")
+# fp32 rate on an H100); "fp16" casts both operands to fp16 (the same 10-bit mantissa as TF32, at
+# twice its rate; the right-hand side is scaled per row into fp16's range). The factorisation, the
+# loss and the final solve stay fp32. On CPU every precision computes in fp32.
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 # Conjugate-gradient final solve: stop at this masked residual relative to the masked
 # right-hand side, or after this many iterations.
@@ -112,7 +114,7 @@ def solve(
         elif mask == "magnitude":
             fixed = select_pruned(W.abs().float(), pattern, per_row=False)
         with tf32_matmuls(precision == "tf32"):
-            Z, pruned = _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect)
+            Z, pruned = _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect, precision)
 
         W_admm = problem.to_original(Z, W.dtype)
         loss_admm = reconstruction_loss(W, W_admm, H)
@@ -195,12 +197,19 @@ class _Problem:
     """The layer problem in the unit-diagonal space.
 
     ``W0``: normalised weights; ``Hd``: damped normalised Hessian; ``G = W0 Hd`` (the right-hand
-    side of the unconstrained normal equations); ``norm``: per input ``sqrt(H_jj)``.
+    side of the unconstrained normal equations, computed when first needed: the ADMM iterations
+    do without it); ``norm``: per input ``sqrt(H_jj)``.
     """
 
     def __init__(self, W0, Hd, norm, dead):
         self.W0, self.Hd, self.norm, self.dead = W0, Hd, norm, dead
-        self.G = W0 @ Hd
+        self._G = None
+
+    @property
+    def G(self):
+        if self._G is None:
+            self._G = self.W0 @ self.Hd
+        return self._G
 
     def to_original(self, Wn, dtype):
         out = Wn / self.norm
@@ -224,17 +233,11 @@ def _normalise(W, H, damp) -> _Problem:
     return _Problem(W0, Hn, norm, dead)
 
 
-def _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect):
+def _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect, precision="fp32"):
     """ADMM iterations; returns the final masked iterate ``Z`` and its mask."""
-    Hd, W0 = problem.Hd, problem.W0
-    A = Hd.clone()
-    A.diagonal().add_(rho)
-    L, status = torch.linalg.cholesky_ex(A)
-    if status.item() != 0:
-        raise ValueError("Cholesky of the normalised Hessian failed (is the Hessian positive semi-definite?)")
-    Ainv = torch.cholesky_inverse(L)
-    base = problem.G @ Ainv  # W0 Hd (Hd + rho I)^-1, fixed across iterations
-
+    W0 = problem.W0
+    Ainv = _penalised_inverse(problem.Hd, rho)
+    primal = _primal_solver(W0, Ainv, rho, precision)
     W = W0.clone()
     U = torch.zeros_like(W)
     pruned = fixed
@@ -246,9 +249,38 @@ def _admm(problem, pattern, fixed, iters, mask_steps, rho, per_row, reselect):
             selection = {"pruned": pruned}
         step = admm_step(W, U, rho, **selection)
         pruned = step.pruned
-        W = torch.addmm(base, step.rhs, Ainv)
+        W = primal(step.rhs)
     Z = (W + U).masked_fill(pruned, 0.0)
     return Z, pruned
+
+
+def _penalised_inverse(Hd, rho):
+    """``(Hd + rho I)^-1`` in fp32 (Cholesky, then the inverse from the factor)."""
+    A = Hd.clone()
+    A.diagonal().add_(rho)
+    L, status = torch.linalg.cholesky_ex(A)
+    if status.item() != 0:
+        raise ValueError("Cholesky of the normalised Hessian failed (is the Hessian positive semi-definite?)")
+    return torch.cholesky_inverse(L)
+
+
+def _primal_solve_fp16(W0, Ainv16, rho_W0, rhs):
+    """``W0 + (rhs - rho W0) A^-1`` with fp16 operands: each row of the right-hand side is scaled
+    by its largest magnitude first (fp16 overflows at 65504), the product is unscaled in fp32."""
+    R = rhs.sub_(rho_W0)
+    scale = R.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    prod = torch.matmul((R / scale).half(), Ainv16)
+    return torch.addcmul(W0, prod.float(), scale)
+
+
+def _primal_solver(W0, Ainv, rho, precision):
+    """The primal update as a function of ``rhs = rho (Z - U)``: ``W0 + (rhs - rho W0) A^-1``,
+    one matmul per iteration (no right-hand side ``W0 Hd`` to form). ``rhs`` is consumed."""
+    rho_W0 = W0 * rho
+    if precision == "fp16" and Ainv.is_cuda:
+        Ainv16 = Ainv.half()  # A^-1 of the unit-diagonal problem: entries within (-1, 1)
+        return lambda rhs: _primal_solve_fp16(W0, Ainv16, rho_W0, rhs)
+    return lambda rhs: torch.addmm(W0, rhs.sub_(rho_W0), Ainv)
 
 
 def cubic_sparsity(target: float, progress: float) -> float:
