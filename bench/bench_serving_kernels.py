@@ -415,6 +415,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16, 2048}, 32 new tokens")
     ap.add_argument("--e2e-layers", type=int, default=32, help="decoder layers of the LLaMA-7B-shaped model")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--shapes", nargs="*", help="subset of kernel shapes, e.g. 4096x11008 (default: all)")
+    ap.add_argument("--m", type=int, nargs="*", help="subset of M values (default: all, or 1 16 2048 with --quick)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode measurement")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
@@ -432,7 +434,12 @@ def main(argv=None):
         "args": vars(args),
     }
     shapes = SHAPES[:2] if args.quick else SHAPES
-    m_values = [1, 16, 2048] if args.quick else M_VALUES
+    if args.shapes:
+        unknown = set(args.shapes) - {name for name, _, _ in SHAPES}
+        if unknown:
+            ap.error(f"unknown shapes {sorted(unknown)}; allowed: {', '.join(name for name, _, _ in SHAPES)}")
+        shapes = [shape for shape in SHAPES if shape[0] in args.shapes]
+    m_values = args.m or ([1, 16, 2048] if args.quick else M_VALUES)
     new_tokens = 32 if args.quick else args.new_tokens
     if cuda:
         os.makedirs(args.out_dir, exist_ok=True)

@@ -74,6 +74,12 @@ def test_variants_match_reference(fmt, groupsize, config):
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "2:4-int4"])
+def test_gemv_tiles_spanning_several_groups(fmt):
+    # BLOCK_K = 128 covers four groups of 32: each word takes its own group's scale.
+    check(fmt, 3, 20, 384, 32, torch.bfloat16, KernelConfig(4, 16, 128, split_k=2, variant="gemv"))
+
+
 def test_dequantize_kernels_are_exact():
     w = prune_2of4(torch.randn(40, 256))
     p = pack_sparse24(w.half())

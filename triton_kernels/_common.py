@@ -9,10 +9,11 @@ weight tile in registers and accumulating in fp32. Two paths:
   programs stream the weight, and a second tiny kernel sums the fp32 partials. Default variant
   ``"split"``: the compact packed tile is loaded once and multiplied field by field (one
   ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching strided
-  columns of x, which is tiny and cached). Variant ``"gemv"`` (M <= 8): no tensor cores; each
-  program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K (contiguous per row),
-  decodes it in fp32 (4-bit codes through the float mantissa, no int-to-float conversion) and
-  reduces ``w * x_m`` over K with one pass per row of x: no padding of M to 16.
+  columns of x, which is tiny and cached). Variant ``"gemv"`` (M <= 8): no tensor cores, no
+  padding of M to 16; each program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K
+  (contiguous per row; a tile may span several quantization groups), decodes it in fp32 (4-bit
+  codes through the float mantissa, no int-to-float conversion), fetches the matching entries
+  of x (tiny, cached) and reduces over K, one pass per row of x.
 * prefill (large ``M``): variant ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is
   rebuilt in registers (each packed word fetched by every lane that needs one of its fields,
   served from L1) and fed to one ``tl.dot`` against a contiguous x tile; 2-D tiles in grouped
@@ -79,9 +80,9 @@ def _num_sms(device) -> int:
     return 8
 
 
-def choose_split_k(n_tiles_mn: int, k_tiles: int, device) -> int:
-    """Enough programs to fill the GPU about twice, never more splits than K tiles."""
-    target = 2 * _num_sms(device)
+def choose_split_k(n_tiles_mn: int, k_tiles: int, device, waves: int = 2) -> int:
+    """Enough programs to fill the GPU about ``waves`` times, never more splits than K tiles."""
+    target = waves * _num_sms(device)
     split = 1
     while split * 2 <= k_tiles and n_tiles_mn * split * 2 <= target:
         split *= 2
@@ -96,7 +97,7 @@ class KernelLimits:
 
     block_k_max: int
     split_block_k: int
-    gemv_block_k: int = 32  # smallest BLOCK_K of the "gemv" variant (one packed word per row)
+    gemv_block_k: int = 32  # smallest BLOCK_K of the "gemv" variant (not bounded by G)
 
     @property
     def split_ok(self) -> bool:
@@ -109,7 +110,8 @@ def _decode_config(N, K, bk, bn, variant, device, num_stages=3) -> KernelConfig:
 
 
 def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3) -> KernelConfig:
-    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device)
+    # Many small programs keep enough loads in flight to stream the weight at full bandwidth.
+    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device, waves=8)
     return KernelConfig(next_pow2(M), bn, bk, split_k=split, num_warps=num_warps, num_stages=num_stages,
                         variant="gemv")
 
@@ -117,7 +119,7 @@ def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3) -> KernelCo
 def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> KernelConfig:
     """The heuristic configuration (used by the interpreter and when tuning is off)."""
     if interpreting():
-        if M <= 2 and limits.block_k_max >= limits.gemv_block_k:
+        if M <= 2:
             bk = limits.gemv_block_k
             return KernelConfig(next_pow2(M), 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant="gemv")
         if M <= DECODE_MAX_M:
@@ -127,8 +129,8 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
                 bk, variant = min(32, limits.block_k_max), "tile"
             return KernelConfig(16, 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant=variant)
         return KernelConfig(32, 32, min(32, limits.block_k_max), split_k=1, num_warps=4, num_stages=1)
-    if M <= 2 and limits.block_k_max >= limits.gemv_block_k:
-        return _gemv_config(M, N, K, max(limits.gemv_block_k, min(128, limits.block_k_max)), 32, device)
+    if M <= 2:
+        return _gemv_config(M, N, K, 512, 16, device)
     if M <= DECODE_MAX_M:
         if limits.split_ok:
             return _decode_config(N, K, max(limits.split_block_k, min(128, limits.block_k_max)), 64, "split", device)
@@ -149,9 +151,8 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
         cands.append(_decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device))
         if M <= GEMV_MAX_M:
             for bn in (16, 32, 64):
-                for bk in (64, 128, 256):
-                    bk = min(bk, limits.block_k_max)
-                    if bk >= limits.gemv_block_k and bn * bk * next_pow2(M) <= 64 * 256:
+                for bk in (256, 512, 1024):
+                    if bn * bk <= 16384:
                         for warps in (4, 8):
                             cands.append(_gemv_config(M, N, K, bk, bn, device, num_warps=warps))
     else:
@@ -243,11 +244,13 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
         raise ValueError(f"unknown kernel variant {cfg.variant!r}; allowed: {', '.join(VARIANTS)}")
     if cfg.variant == "dense":
         return
-    if cfg.variant == "gemv" and (cfg.block_k < limits.gemv_block_k or M > cfg.block_m):
-        raise ValueError(
-            f"the gemv variant needs block_k >= {limits.gemv_block_k} and M <= block_m "
-            f"(got block_k={cfg.block_k}, M={M}, block_m={cfg.block_m})"
-        )
+    if cfg.variant == "gemv":
+        if cfg.block_k < limits.gemv_block_k or cfg.block_k & (cfg.block_k - 1) or M > cfg.block_m:
+            raise ValueError(
+                f"the gemv variant needs block_k a power of two >= {limits.gemv_block_k} and M <= block_m "
+                f"(got block_k={cfg.block_k}, M={M}, block_m={cfg.block_m})"
+            )
+        return
     if cfg.block_k > limits.block_k_max or limits.block_k_max % cfg.block_k:
         raise ValueError(f"block_k={cfg.block_k} must be a power of two dividing {limits.block_k_max}")
     if cfg.variant == "split" and (cfg.block_k < limits.split_block_k or M > cfg.block_m):
@@ -349,15 +352,9 @@ def nibble_value(nib):
 
 
 @triton.jit
-def gemv_rows(acc, w, x_ptr, offs_k, stride_xm, M, K, BLOCK_M: tl.constexpr):
-    """``acc[m, :] += sum_k w[:, k] * x[m, offs_k]`` for each row m < M of x (fp32 ``w
-    [BLOCK_N, BLOCK_K]``, ``acc [BLOCK_M, BLOCK_N]``)."""
-    rows = tl.arange(0, BLOCK_M)[:, None]
-    for m in tl.static_range(BLOCK_M):
-        xm = tl.load(x_ptr + m * stride_xm + offs_k, mask=(offs_k < K) & (m < M), other=0.0).to(tl.float32)
-        part = tl.sum(w * xm[None, :], axis=1)
-        acc += tl.where(rows == m, part[None, :], 0.0)
-    return acc
+def add_row(acc, m, part, BLOCK_M: tl.constexpr):
+    """``acc[m, :] += part`` for ``acc [BLOCK_M, BLOCK_N]`` (Triton tensors cannot be indexed)."""
+    return acc + tl.where(tl.arange(0, BLOCK_M)[:, None] == m, part[None, :], 0.0)
 
 
 @triton.jit

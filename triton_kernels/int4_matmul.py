@@ -8,15 +8,15 @@ scale to the fp32 partial product: the dequantization is exact, whatever the act
 Variants (see ``_common``): ``tile`` rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split``
 (decode, needs G >= 128) loads the ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field
 i against x's columns ``8j + i``; ``gemv`` (M <= 8) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
-row's run along K is contiguous), spreads the 8 fields of a word into adjacent columns and reduces
-against x on the CUDA cores.
+row's run along K is contiguous) and, field by field, multiplies them with x's columns ``8j + i``
+on the CUDA cores, each word weighted by its group's scale.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, gemv_rows,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
     store_dtype, store_result, tile_ids,
 )
@@ -83,30 +83,32 @@ def _int4_split_kernel(
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
+    M, N, K, stride_xm, stride_qn, stride_sg, GROUPSIZE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
-    shifts = tl.arange(0, 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         word = t * (BLOCK_K // 8) + offs_w
-        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=offs_n[:, None] < N, other=0)
-        nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # field i of word j -> column 8j + i
-        w = nibble_value(tl.reshape(nibbles, (BLOCK_N, BLOCK_K)))
-        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
-        part = gemv_rows(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), w, x_ptr,
-                         t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K, BLOCK_M)
-        acc += part * s.to(tl.float32)[None, :]
+        mask = (offs_n < N)[:, None] & (word < K // 8)[None, :]
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=mask, other=0)
+        # The scale of each word's group, per row (repeated G/8 times along K: served from L1).
+        s = tl.load(s_ptr + ((word * 8) // GROUPSIZE)[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
+        for m in tl.static_range(BLOCK_M):
+            part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_ptr + m * stride_xm + word * 8 + i, mask=(word < K // 8) & (m < M), other=0.0)
+                part += nibble_value((words >> (4 * i)) & 0xF) * xi.to(tl.float32)[None, :]
+            acc = add_row(acc, m, tl.sum(part * s.to(tl.float32), axis=1), BLOCK_M)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-_KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel, "gemv": _int4_gemv_kernel}
+_KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel}
 
 
 @triton.jit
@@ -167,6 +169,14 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
             y = torch.matmul(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype).t())
             return y + bias if bias is not None else y
         grid, y, ws = grid_and_buffers(x2, n, cfg)
+        if cfg.variant == "gemv":
+            _int4_gemv_kernel[grid](
+                x2, qweight, scales, bias if bias is not None else y, y, ws,
+                m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
             x2, qweight, scales, bias if bias is not None else y, y, ws,
             m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,

@@ -7,19 +7,19 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 
 Variants (see ``_common``): ``tile`` rebuilds the dense code tile; ``split`` (decode, needs
 G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p;
-``gemv`` (M <= 8) loads ``[BLOCK_N, BLOCK_K/16]`` words (contiguous per row), rebuilds the dense
-code rows and reduces them against x on the CUDA cores.
+``gemv`` (M <= 8) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per
+row), scales them, fetches x at the two kept columns and reduces on the CUDA cores.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, gemv_rows,
+    KernelLimits, add_row, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
     store_dtype, store_result, tile_ids,
 )
-from .sparse24_matmul import group_positions, kept_slots, positions_by_row, spread_pairs
+from .sparse24_matmul import gather_x, group_positions, kept_slots, positions_by_row
 
 
 @triton.jit
@@ -93,36 +93,34 @@ def _sparse24_int4_split_kernel(
 
 @triton.jit
 def _sparse24_int4_gemv_kernel(
-    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
+    x_ptr, qb_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_bn, stride_mg, stride_sg, GROUPSIZE,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
+    """``qb_ptr``: the codes viewed as bytes ``[N, K/4]``, one byte (q0 | q1 << 4) per group."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // 4)
-    offs_w = tl.arange(0, BLOCK_K // 16)
-    shifts = tl.arange(0, 4) * 8
-    rows_ok = (offs_n < N)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         grp = t * (BLOCK_K // 4) + offs_g
-        i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, rows_ok)
-        words = tl.load(qv_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 16) + offs_w)[None, :],
-                        mask=rows_ok, other=0)
-        pairs = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xFF, (BLOCK_N, BLOCK_K // 4))
-        w = spread_pairs(nibble_value(pairs & 0xF), nibble_value(pairs >> 4), i0, i1, BLOCK_N, BLOCK_K)
-        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
-        part = gemv_rows(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), w, x_ptr,
-                         t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K, BLOCK_M)
-        acc += part * s.to(tl.float32)[None, :]
+        mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
+        pair = tl.load(qb_ptr + offs_n[:, None] * stride_bn + grp[None, :], mask=mask, other=0).to(tl.int32)
+        s = tl.load(s_ptr + ((grp * 4) // GROUPSIZE)[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
+        s = s.to(tl.float32)
+        q0 = nibble_value(pair & 0xF) * s
+        q1 = nibble_value(pair >> 4) * s
+        i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask)
+        for m in tl.static_range(BLOCK_M):
+            x0, x1 = gather_x(x_ptr, m, stride_xm, grp, i0, i1, mask & (m < M))
+            acc = add_row(acc, m, tl.sum(q0 * x0 + q1 * x1, axis=1), BLOCK_M)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-_KERNELS = {"tile": _sparse24_int4_tile_kernel, "split": _sparse24_int4_split_kernel,
-            "gemv": _sparse24_int4_gemv_kernel}
+_KERNELS = {"tile": _sparse24_int4_tile_kernel, "split": _sparse24_int4_split_kernel}
 
 
 @triton.jit
@@ -186,6 +184,14 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
             y = torch.matmul(x2, w.t())
             return y + bias if bias is not None else y
         grid, y, ws = grid_and_buffers(x2, n, cfg)
+        if cfg.variant == "gemv":
+            _sparse24_int4_gemv_kernel[grid](
+                x2, qvalues.view(torch.uint8), meta, scales, bias if bias is not None else y, y, ws,
+                m, n, k, x2.stride(0), qvalues.stride(0) * 4, meta.stride(0), scales.stride(0), groupsize,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
             x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
             m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0),

@@ -7,16 +7,16 @@ used as stored (exact products), accumulation in fp32.
 
 Variants (see ``_common``): ``tile`` rebuilds the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T;
 ``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per
-position p against x's columns ``4g + p``; ``gemv`` (M <= 8) loads ``[BLOCK_N, BLOCK_K/2]`` kept
-values (contiguous per row) and, per position p, reduces the values kept there against x's
-columns ``4g + p`` on the CUDA cores.
+position p against x's columns ``4g + p``; ``gemv`` (M <= 8) reads the kept pair of each group as
+one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), fetches x at the two kept
+columns and reduces on the CUDA cores.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, gemv_rows,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
     tile_ids,
 )
@@ -111,42 +111,43 @@ def positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask):
 
 
 @triton.jit
-def spread_pairs(v0, v1, i0, i1, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The dense ``[BLOCK_N, BLOCK_K]`` rows from the kept pairs ``[BLOCK_N, BLOCK_K/4]`` of each
-    group and their positions (0 at pruned positions)."""
-    pos = tl.arange(0, 4)[None, None, :]
-    dense = tl.where(pos == i0[:, :, None], v0[:, :, None], tl.where(pos == i1[:, :, None], v1[:, :, None], 0.0))
-    return tl.reshape(dense, (BLOCK_N, BLOCK_K))
+def gather_x(x_ptr, m, stride_xm, grp, i0, i1, mask):
+    """x's entries at the two kept columns ``4g + i0``, ``4g + i1`` of each group, fp32."""
+    base = x_ptr + m * stride_xm + 4 * grp[None, :]
+    x0 = tl.load(base + i0, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(base + i1, mask=mask, other=0.0).to(tl.float32)
+    return x0, x1
 
 
 @triton.jit
 def _sparse24_gemv_kernel(
-    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_vn, stride_mg,
+    x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_pn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, VALUE_DTYPE: tl.constexpr,
 ):
+    """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half)."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // 4)
-    offs_v = tl.arange(0, BLOCK_K // 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         grp = t * (BLOCK_K // 4) + offs_g
         mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
+        pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
+        v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
+        v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
         i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask)
-        vmask = (offs_n < N)[:, None] & (t * (BLOCK_K // 2) + offs_v < K // 2)[None, :]
-        vals = tl.load(val_ptr + offs_n[:, None] * stride_vn + (t * (BLOCK_K // 2) + offs_v)[None, :],
-                       mask=vmask, other=0.0).to(tl.float32)
-        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_K // 4, 2)))
-        w = spread_pairs(v0, v1, i0, i1, BLOCK_N, BLOCK_K)
-        acc = gemv_rows(acc, w, x_ptr, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K, BLOCK_M)
+        for m in tl.static_range(BLOCK_M):
+            x0, x1 = gather_x(x_ptr, m, stride_xm, grp, i0, i1, mask & (m < M))
+            acc = add_row(acc, m, tl.sum(v0 * x0 + v1 * x1, axis=1), BLOCK_M)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-_KERNELS = {"tile": _sparse24_tile_kernel, "split": _sparse24_split_kernel, "gemv": _sparse24_gemv_kernel}
+_KERNELS = {"tile": _sparse24_tile_kernel, "split": _sparse24_split_kernel}
+_VALUE_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -197,6 +198,15 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
             y = torch.matmul(x2, sparse24_to_dense(values, meta, x2.dtype).t())
             return y + bias if bias is not None else y
         grid, y, ws = grid_and_buffers(x2, n, cfg)
+        if cfg.variant == "gemv":
+            _sparse24_gemv_kernel[grid](
+                x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws,
+                m, n, k, x2.stride(0), values.stride(0) // 2, meta.stride(0),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                HAS_BIAS=bias is not None, VALUE_DTYPE=_VALUE_DTYPES[values.dtype],
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
             x2, values, meta, bias if bias is not None else y, y, ws,
             m, n, k, x2.stride(0), values.stride(0), meta.stride(0),
