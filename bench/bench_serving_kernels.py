@@ -374,17 +374,18 @@ def markdown(result) -> str:
                 out.append(f"- {f}: M <= 16 min {min(small):.2f}x / mean {statistics.mean(small):.2f}x"
                            + (f"; M = 2048 min {min(large):.2f}x" if large else "")
                            + f"; max relative error {max(r[f + '_rel_err'] for r in gpu['kernels']):.1e}")
-        out += ["", "## End-to-end greedy decode", "", gpu["decode_model"], "",
-                "| model | decoder weights | generate tok/s (x) | CUDA-graph step tok/s (x) |", "|---|---|---|---|"]
-        for r in gpu["decode"]:
-            if "cuda_graph_tok_s" in r:
-                graph = f"{r['cuda_graph_tok_s']:.1f}" + (
-                    f" ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_speedup" in r else "")
-            else:
-                graph = r.get("cuda_graph_error", "-")
-            out.append(f"| {r['model']} | {_fmt_bytes(r['layer_weight_bytes'])} ({r['weight_ratio_vs_dense']:.3f}) | "
-                       f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x) | {graph} |")
-        out.append("")
+        if "decode" in gpu:
+            out += ["", "## End-to-end greedy decode", "", gpu["decode_model"], "",
+                    "| model | decoder weights | generate tok/s (x) | CUDA-graph step tok/s (x) |", "|---|---|---|---|"]
+            for r in gpu["decode"]:
+                if "cuda_graph_tok_s" in r:
+                    graph = f"{r['cuda_graph_tok_s']:.1f}" + (
+                        f" ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_speedup" in r else "")
+                else:
+                    graph = r.get("cuda_graph_error", "-")
+                out.append(f"| {r['model']} | {_fmt_bytes(r['layer_weight_bytes'])} ({r['weight_ratio_vs_dense']:.3f}) | "
+                           f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x) | {graph} |")
+            out.append("")
     cpu = result["cpu_half"]
     out += ["## Packed size per weight matrix (vs fp16)", "",
             "| shape (N x K) | fp16 | " + " | ".join(FORMATS) + " |", "|---|---|" + "---|" * len(FORMATS)]

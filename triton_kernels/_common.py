@@ -9,7 +9,7 @@ weight tile in registers and accumulating in fp32. Two paths:
   programs stream the weight, and a second tiny kernel sums the fp32 partials. Default variant
   ``"split"``: the compact packed tile is loaded once and multiplied field by field (one
   ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching strided
-  columns of x, which is tiny and cached). Variant ``"gemv"`` (M <= 8): no tensor cores, no
+  columns of x, which is tiny and cached). Variant ``"gemv"`` (M <= 4): no tensor cores, no
   padding of M to 16; each program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K
   (contiguous per row; a tile may span several quantization groups), decodes it in fp32 (4-bit
   codes through the float mantissa, no int-to-float conversion), fetches the matching entries
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 DECODE_MAX_M = 16
-GEMV_MAX_M = 8
+GEMV_MAX_M = 4
 VARIANTS = ("tile", "split", "gemv", "dense")
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
@@ -130,7 +130,7 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
             return KernelConfig(16, 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant=variant)
         return KernelConfig(32, 32, min(32, limits.block_k_max), split_k=1, num_warps=4, num_stages=1)
     if M <= 2:
-        return _gemv_config(M, N, K, 512, 16, device)
+        return _gemv_config(M, N, K, 1024, 16, device)
     if M <= DECODE_MAX_M:
         if limits.split_ok:
             return _decode_config(N, K, max(limits.split_block_k, min(128, limits.block_k_max)), 64, "split", device)
@@ -144,17 +144,16 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
     cands = [first]
     if M <= DECODE_MAX_M:
         for bn in (32, 64, 128):
-            for bk in (64, 128, 256):
+            for bk in (64, 128):
                 bk = min(bk, limits.block_k_max)
                 variant = "split" if bk >= limits.split_block_k else "tile"
                 cands.append(_decode_config(N, K, bk, bn, variant, device))
         cands.append(_decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device))
         if M <= GEMV_MAX_M:
-            for bn in (16, 32, 64):
-                for bk in (256, 512, 1024):
-                    if bn * bk <= 16384:
-                        for warps in (4, 8):
-                            cands.append(_gemv_config(M, N, K, bk, bn, device, num_warps=warps))
+            # Measured on an H100: narrow row tiles with long K runs stream best.
+            for bn in (4, 8, 16):
+                for bk in (512, 1024, 2048):
+                    cands.append(_gemv_config(M, N, K, bk, bn, device))
     else:
         for bm, bn, bk, warps, stages in (
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),

@@ -7,7 +7,7 @@ scale to the fp32 partial product: the dequantization is exact, whatever the act
 
 Variants (see ``_common``): ``tile`` rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split``
 (decode, needs G >= 128) loads the ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field
-i against x's columns ``8j + i``; ``gemv`` (M <= 8) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
+i against x's columns ``8j + i``; ``gemv`` (M <= 4) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
 row's run along K is contiguous) and, field by field, multiplies them with x's columns ``8j + i``
 on the CUDA cores, each word weighted by its group's scale.
 """

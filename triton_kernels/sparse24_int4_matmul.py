@@ -7,7 +7,7 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 
 Variants (see ``_common``): ``tile`` rebuilds the dense code tile; ``split`` (decode, needs
 G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p;
-``gemv`` (M <= 8) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per
+``gemv`` (M <= 4) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per
 row), scales them, fetches x at the two kept columns and reduces on the CUDA cores.
 """
 import torch

@@ -7,7 +7,7 @@ used as stored (exact products), accumulation in fp32.
 
 Variants (see ``_common``): ``tile`` rebuilds the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T;
 ``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per
-position p against x's columns ``4g + p``; ``gemv`` (M <= 8) reads the kept pair of each group as
+position p against x's columns ``4g + p``; ``gemv`` (M <= 4) reads the kept pair of each group as
 one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), fetches x at the two kept
 columns and reduces on the CUDA cores.
 """
