@@ -383,8 +383,10 @@ def markdown(result) -> str:
                         f" ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_speedup" in r else "")
                 else:
                     graph = r.get("cuda_graph_error", "-")
+                eager = (f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x)" if "generate_tok_s" in r
+                         else "not measured")
                 out.append(f"| {r['model']} | {_fmt_bytes(r['layer_weight_bytes'])} ({r['weight_ratio_vs_dense']:.3f}) | "
-                           f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x) | {graph} |")
+                           f"{eager} | {graph} |")
             out.append("")
     cpu = result["cpu_half"]
     out += ["## Packed size per weight matrix (vs fp16)", "",
