@@ -81,35 +81,13 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // nbytes)))
 
 
-def graph_ms_per_call(calls, replays=10):
-    """Median GPU ms per call of ``calls`` (a list of no-argument functions), all recorded once in
-    a CUDA graph that is replayed ``replays`` times."""
-    for fn in calls:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(calls))
-    return statistics.median(times)
-
-
 # ---------------------------------------------------------------- GPU half: kernels ----------
 def bench_kernels_gpu(shapes, m_values, partial_path=None):
     """Kernel rows (and the tuned configurations); rows so far go to ``partial_path`` after each
     shape, so a run cut short still leaves its measurements."""
     import triton.testing
 
-    from pyprune.triton_kernels import tuned_configs
+    from pyprune.triton_kernels import graph_time_ms, tuned_configs
 
     rows = []
     dev = torch.device("cuda")
@@ -124,14 +102,14 @@ def bench_kernels_gpu(shapes, m_values, partial_path=None):
         for m in m_values:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             t_dense = triton.testing.do_bench(lambda: torch.matmul(x, w.t()))
-            g_dense = graph_ms_per_call([lambda wc=wc: torch.matmul(x, wc.t()) for wc in dense_copies])
+            g_dense = graph_time_ms([lambda wc=wc: torch.matmul(x, wc.t()) for wc in dense_copies])
             row = {"shape": name, "N": n, "K": k, "M": m, "fp16_cublas_ms": g_dense, "fp16_cublas_eager_ms": t_dense,
                    "fp16_weight_GBps": w.numel() * 2 / (g_dense * 1e-3) / 1e9}
             for fmt, mod in mods.items():
                 y = mod(x)  # first call tunes this shape
                 ref = (x.float() @ refs[fmt].t()).half()
                 t = triton.testing.do_bench(lambda: mod(x))
-                g = graph_ms_per_call([lambda mc=mc: mc(x) for mc in mod_copies[fmt]])
+                g = graph_time_ms([lambda mc=mc: mc(x) for mc in mod_copies[fmt]])
                 row[f"{fmt}_ms"] = g
                 row[f"{fmt}_speedup"] = g_dense / g
                 row[f"{fmt}_eager_ms"] = t

@@ -192,7 +192,7 @@ def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=
         best, best_ms = None, float("inf")
         for cfg in candidate_configs(M, N, K, limits, device, allow_dense):
             try:
-                ms = graph_time_ms(lambda: launch(cfg))
+                ms = graph_time_ms([lambda: launch(cfg)] * 10)
             except Exception:  # noqa: BLE001 - a config that does not fit this GPU is just skipped
                 torch.cuda.synchronize()
                 continue
@@ -206,20 +206,23 @@ def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=
         return best
 
 
-def graph_time_ms(fn, calls: int = 10, repeats: int = 5) -> float:
-    """GPU time of one ``fn()`` without the CPU's launch overhead: ``calls`` calls are recorded
-    once in a CUDA graph, the graph is replayed ``repeats`` times, the median per call is kept.
-    (Launch overhead is the same for every configuration and vanishes in graph-replayed decode;
-    timing eagerly would rank configurations by noise when kernels take a few microseconds.)"""
-    fn()  # compile and warm up outside the capture
+def graph_time_ms(calls, repeats: int = 5) -> float:
+    """GPU ms per call of ``calls`` (functions of no argument) without the CPU's launch overhead:
+    all of them are recorded once in a CUDA graph, the graph is replayed ``repeats`` times, and the
+    median replay time is divided by ``len(calls)``. (Launch overhead is the same for every
+    configuration and vanishes in graph-replayed decode; timing eagerly would rank configurations
+    by noise when kernels take a few microseconds.)"""
+    for fn in calls:
+        fn()  # compile and warm up outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for fn in calls:
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
+        for fn in calls:
             fn()
     graph.replay()
     times = []
@@ -229,7 +232,7 @@ def graph_time_ms(fn, calls: int = 10, repeats: int = 5) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+        times.append(start.elapsed_time(end) / len(calls))
     return sorted(times)[len(times) // 2]
 
 
