@@ -109,3 +109,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="split variant needs block_k >= 128"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(16, 16, 32, variant="split"))
+    with pytest.raises(ValueError, match="gemv variant needs block_k a power of two >= 32"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(2, 16, 48, variant="gemv"))
+    with pytest.raises(ValueError, match=r"M <= block_m \(got block_k=64, M=3, block_m=2\)"):
+        int4_matmul(torch.randn(3, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(2, 16, 64, variant="gemv"))
