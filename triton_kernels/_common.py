@@ -36,6 +36,7 @@ import triton.language as tl
 
 DECODE_MAX_M = 16
 GEMV_MAX_M = 4
+GEMV_MIN_BLOCK_K = 32  # smallest BLOCK_K of the "gemv" variant (for every format; not bounded by G)
 VARIANTS = ("tile", "split", "gemv", "dense")
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
@@ -97,7 +98,6 @@ class KernelLimits:
 
     block_k_max: int
     split_block_k: int
-    gemv_block_k: int = 32  # smallest BLOCK_K of the "gemv" variant (not bounded by G)
 
     @property
     def split_ok(self) -> bool:
@@ -120,7 +120,7 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
     """The heuristic configuration (used by the interpreter and when tuning is off)."""
     if interpreting():
         if M <= 2:
-            bk = limits.gemv_block_k
+            bk = GEMV_MIN_BLOCK_K
             return KernelConfig(next_pow2(M), 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant="gemv")
         if M <= DECODE_MAX_M:
             if limits.split_ok:
@@ -247,9 +247,9 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
     if cfg.variant == "dense":
         return
     if cfg.variant == "gemv":
-        if cfg.block_k < limits.gemv_block_k or cfg.block_k & (cfg.block_k - 1) or M > cfg.block_m:
+        if cfg.block_k < GEMV_MIN_BLOCK_K or cfg.block_k & (cfg.block_k - 1) or M > cfg.block_m:
             raise ValueError(
-                f"the gemv variant needs block_k a power of two >= {limits.gemv_block_k} and M <= block_m "
+                f"the gemv variant needs block_k a power of two >= {GEMV_MIN_BLOCK_K} and M <= block_m "
                 f"(got block_k={cfg.block_k}, M={M}, block_m={cfg.block_m})"
             )
         return

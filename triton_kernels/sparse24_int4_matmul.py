@@ -15,11 +15,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, add_row, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
     store_dtype, store_result, tile_ids,
 )
-from .sparse24_matmul import gather_x, group_positions, kept_slots, positions_by_row
+from .sparse24_matmul import add_kept_pair_rows, group_positions, kept_slots, positions_by_row
 
 
 @triton.jit
@@ -114,9 +114,7 @@ def _sparse24_int4_gemv_kernel(
         q0 = nibble_value(pair & 0xF) * s
         q1 = nibble_value(pair >> 4) * s
         i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask)
-        for m in tl.static_range(BLOCK_M):
-            x0, x1 = gather_x(x_ptr, m, stride_xm, grp, i0, i1, mask & (m < M))
-            acc = add_row(acc, m, tl.sum(q0 * x0 + q1 * x1, axis=1), BLOCK_M)
+        acc = add_kept_pair_rows(acc, q0, q1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 

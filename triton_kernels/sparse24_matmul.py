@@ -111,12 +111,16 @@ def positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask):
 
 
 @triton.jit
-def gather_x(x_ptr, m, stride_xm, grp, i0, i1, mask):
-    """x's entries at the two kept columns ``4g + i0``, ``4g + i1`` of each group, fp32."""
-    base = x_ptr + m * stride_xm + 4 * grp[None, :]
-    x0 = tl.load(base + i0, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(base + i1, mask=mask, other=0.0).to(tl.float32)
-    return x0, x1
+def add_kept_pair_rows(acc, w0, w1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M: tl.constexpr):
+    """For each row m < M of x: ``acc[m, :] += sum_g w0 * x[m, 4g + i0] + w1 * x[m, 4g + i1]``,
+    the kept values (fp32 ``[BLOCK_N, len(grp)]``) against x at their two kept columns."""
+    base = x_ptr + 4 * grp[None, :]
+    for m in tl.static_range(BLOCK_M):
+        row_mask = mask & (m < M)
+        x0 = tl.load(base + m * stride_xm + i0, mask=row_mask, other=0.0).to(tl.float32)
+        x1 = tl.load(base + m * stride_xm + i1, mask=row_mask, other=0.0).to(tl.float32)
+        acc = add_row(acc, m, tl.sum(w0 * x0 + w1 * x1, axis=1), BLOCK_M)
+    return acc
 
 
 @triton.jit
@@ -140,9 +144,7 @@ def _sparse24_gemv_kernel(
         v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
         v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
         i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask)
-        for m in tl.static_range(BLOCK_M):
-            x0, x1 = gather_x(x_ptr, m, stride_xm, grp, i0, i1, mask & (m < M))
-            acc = add_row(acc, m, tl.sum(v0 * x0 + v1 * x1, axis=1), BLOCK_M)
+        acc = add_kept_pair_rows(acc, v0, v1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
