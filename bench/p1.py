@@ -1,16 +1,17 @@
 """Protocol P1 (DESIGN.md) on smollm2-135m: calibration = 32 C4 windows of 2048 tokens
 (random.seed(0) offsets), evaluation = first 40 WikiText-2 test windows of 2048 tokens, fp32.
 
-    python bench/p1.py run NAME [--data-dir D]   # one configuration from CONFIGS (or extra CLI flags)
-    python bench/p1.py table                      # bench/results/p1.md from every result JSON
+    python bench/p1.py [--results DIR] run NAME... [--data-dir D] [--budget S] [extra CLI flags]
+    python bench/p1.py [--results DIR] table      # DIR.md (default bench/results/p1.md) from its JSONs
 
 Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
 option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
 The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the dense model
-(seed 0, the CLI's sampling defaults, batches of 32): the first such run generates them and saves
-them to bench/results/p1/self_calib_32x2048_seed0.safetensors (not versioned; its header records the
-generation time), later runs reuse that file.
-Each run writes bench/results/p1/NAME.json: the pyprune report plus wall time and peak RSS.
+(seed 0, the CLI's sampling defaults, batches of 32); "-selfeot" starts each row with <|endoftext|>
+instead of the tokenizer's BOS, and "-selfeot-t08" also samples at temperature 0.8. The first run of
+a variant generates its tokens into DIR/self_calib_32x2048_seed0[_VARIANT].safetensors (not
+versioned; its header records the generation time), later runs reuse that file.
+Each run writes DIR/NAME.json: the pyprune report plus wall time, peak RSS (and peak GPU memory).
 """
 import argparse
 import glob
@@ -27,77 +28,125 @@ DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data")
 COMMON = ["--nsamples", "32", "--seqlen", "2048", "--seed", "0", "--calib", "c4",
           "--eval-windows", "40", "--eval-seqlen", "2048", "--dtype", "float32", "--quiet"]
 
-SELF_CALIB = os.path.join(RESULTS, "self_calib_32x2048_seed0.safetensors")
-SELF = "<self-calibration>"  # stands for the flags that generate or reuse SELF_CALIB
+# Self-calibration variants: the generation flags of each. A configuration names one with SELF + variant.
+SELF = "<self-calibration>"
+SELF_VARIANTS = {
+    "self": [],
+    "selfeot": ["--calib-prefix", "<|endoftext|>"],  # start each row as a new pre-training document
+    "selfeot-t08": ["--calib-prefix", "<|endoftext|>", "--calib-temperature", "0.8"],
+}
 
-CONFIGS = {
-    "magnitude-50": ["--method", "magnitude", "--sparsity", "0.5"],
-    "wanda-50": ["--method", "wanda", "--sparsity", "0.5"],
-    "sparsegpt-50": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "1"],
-    "wanda-2of4": ["--method", "wanda", "--pattern", "2:4"],
-    "sparsegpt-2of4": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1"],
-    "sparsegpt-4of8": ["--method", "sparsegpt", "--pattern", "4:8", "--sink-weight", "1"],
-    "sparsegpt-60": ["--method", "sparsegpt", "--sparsity", "0.6", "--sink-weight", "1"],
-    "sparsegpt-70": ["--method", "sparsegpt", "--sparsity", "0.7", "--sink-weight", "1"],
-    "sparsegpt-80": ["--method", "sparsegpt", "--sparsity", "0.8", "--sink-weight", "1"],
-    "admm-grad-60": ["--method", "admm", "--sparsity", "0.6", "--sink-weight", "1"],
-    "admm-grad-70": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1"],
-    "admm-grad-80": ["--method", "admm", "--sparsity", "0.8", "--sink-weight", "1"],
-    "admm-grad-2of4": ["--method", "admm", "--pattern", "2:4", "--sink-weight", "1"],
-    "admm1-70": ["--method", "admm", "--sparsity", "0.7", "--mask", "wanda", "--sink-weight", "1"],
-    "admm-grad-70-nofinal": ["--method", "admm", "--sparsity", "0.7", "--no-final-solve", "--sink-weight", "1"],
+# The method x sparsity grid (ADMM issue): every name METHOD-POINT, e.g. admm-grad-70, admm1-2of4-nofinal.
+POINTS = {"50": ["--sparsity", "0.5"], "60": ["--sparsity", "0.6"], "70": ["--sparsity", "0.7"],
+          "80": ["--sparsity", "0.8"], "2of4": ["--pattern", "2:4"], "4of8": ["--pattern", "4:8"]}
+GRID_METHODS = {
+    "magnitude": ["--method", "magnitude"],
+    "wanda": ["--method", "wanda"],
+    "sparsegpt": ["--method", "sparsegpt", "--sink-weight", "1"],
+    "admm1": ["--method", "admm", "--mask", "wanda", "--sink-weight", "1"],
+    "admm-grad": ["--method", "admm", "--sink-weight", "1"],
+}
+ADMM_SUFFIXES = {"": [], "-nofinal": ["--no-final-solve"]}
+
+CONFIGS = {}
+for _method, _mflags in GRID_METHODS.items():
+    for _point, _pflags in POINTS.items():
+        for _suffix, _sflags in (ADMM_SUFFIXES.items() if _method.startswith("admm") else [("", [])]):
+            CONFIGS[f"{_method}-{_point}{_suffix}"] = _mflags + _pflags + _sflags
+for _point in ("60", "70", "80"):  # the published re-selection (every step at the final sparsity) vs the schedule
+    CONFIGS[f"admm-grad-{_point}-schedule"] = GRID_METHODS["admm-grad"] + POINTS[_point] + ["--admm-reselect", "schedule"]
+
+CONFIGS.update({
     "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl", "--sink-weight", "1"],
     "sparsegpt-70-hessian": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "hessian", "--sink-weight", "1"],
     "gptq-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "1"],
     "rtn-int4-g64": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--quant-method", "rtn"],
+    "gptq-int4-g128": ["--method", "none", "--wbits", "4", "--groupsize", "128", "--sink-weight", "1"],
+    "rtn-int4-g128": ["--method", "none", "--wbits", "4", "--groupsize", "128", "--quant-method", "rtn"],
     "sparsegpt-50-int4-g64": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64",
                               "--sink-weight", "1"],
     "sparsegpt-2of4-int4-g64": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
                                 "--sink-weight", "1"],
     "sparsegpt-50-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256"],
     "gptq-int4-g64-sink256": ["--method", "none", "--wbits", "4", "--groupsize", "64", "--sink-weight", "256"],
+    "gptq-int4-g128-sink256": ["--method", "none", "--wbits", "4", "--groupsize", "128", "--sink-weight", "256"],
     "sparsegpt-50-int4-g64-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64",
                                       "--sink-weight", "256"],
+    "sparsegpt-50-int4-g128-sink256": ["--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4",
+                                       "--groupsize", "128", "--sink-weight", "256"],
     "sparsegpt-2of4-sink256": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "256"],
     "sparsegpt-2of4-int4-g64-sink256": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
+                                        "--sink-weight", "256"],
+    "sparsegpt-2of4-int4-g128-sink256": ["--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4",
+                                         "--groupsize", "128", "--sink-weight", "256"],
+    "admm-grad-50-sink256": ["--method", "admm", "--sparsity", "0.5", "--sink-weight", "256"],
+    "admm-grad-2of4-sink256": ["--method", "admm", "--pattern", "2:4", "--sink-weight", "256"],
+    "admm-grad-2of4-int4-g64-sink256": ["--method", "admm", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
                                         "--sink-weight", "256"],
     "admm-grad-70-sink256": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "256"],
     "admm-grad-70-int4-g64-sink256": ["--method", "admm", "--sparsity", "0.7", "--wbits", "4", "--groupsize", "64",
                                       "--sink-weight", "256"],
     "admm-grad-70-int4-g64": ["--method", "admm", "--sparsity", "0.7", "--wbits", "4", "--groupsize", "64",
                               "--sink-weight", "1"],
-    "sparsegpt-50-sink256-self": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256", SELF],
-    "sparsegpt-50-self": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "1", SELF],
-    "sparsegpt-2of4-self": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1", SELF],
-    "admm-grad-70-self": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF],
-}
+    "admm-grad-70-hessian": ["--method", "admm", "--sparsity", "0.7", "--schedule", "hessian", "--sink-weight", "1"],
+    "admm-grad-70-hessian-int4-g64": ["--method", "admm", "--sparsity", "0.7", "--schedule", "hessian",
+                                      "--wbits", "4", "--groupsize", "64", "--sink-weight", "1"],
+})
+for _variant in SELF_VARIANTS:
+    CONFIGS.update({
+        f"sparsegpt-50-sink256-{_variant}": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "256",
+                                             SELF + _variant],
+        f"sparsegpt-50-{_variant}": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "1", SELF + _variant],
+        f"sparsegpt-2of4-{_variant}": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1",
+                                       SELF + _variant],
+        f"admm-grad-70-{_variant}": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF + _variant],
+    })
 
 
-def calibration_flags(flags):
-    """Expand SELF into a generating or a reusing calibration flag set."""
-    if SELF not in flags:
+def self_calib_file(results, variant):
+    suffix = "" if variant == "self" else "_" + variant
+    return os.path.join(results, f"self_calib_32x2048_seed0{suffix}.safetensors")
+
+
+def calibration_flags(flags, results):
+    """Expand a SELF flag into flags that generate its calibration file, or reuse it."""
+    selves = [f for f in flags if f.startswith(SELF)]
+    if not selves:
         return flags
-    rest = [f for f in flags if f != SELF]
-    if os.path.exists(SELF_CALIB):
-        return rest + ["--calib", SELF_CALIB]
-    return rest + ["--calib", "self", "--calib-batch-size", "32", "--save-calib", SELF_CALIB]
+    variant = selves[0][len(SELF):]
+    rest = [f for f in flags if f not in selves]
+    path = self_calib_file(results, variant)
+    if os.path.exists(path):
+        return rest + ["--calib", path]
+    return rest + ["--calib", "self", "--calib-batch-size", "32", *SELF_VARIANTS[variant], "--save-calib", path]
 
 
-def run(name, data_dir, extra):
+def machine():
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}"
+
+
+def run(name, data_dir, extra, results):
+    import torch
     from pyprune.cli import build_parser, cmd_eval, cmd_prune
 
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(results, exist_ok=True)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.time()
     if name == "dense":
         args = build_parser().parse_args(["eval", "smollm2-135m", "--data-dir", data_dir, "--max-windows", "40",
-                                          "--eval-seqlen", "2048", "--dtype", "float32", "--quiet"])
+                                          "--eval-seqlen", "2048", "--dtype", "float32", "--quiet", *extra])
         report = cmd_eval(args)
         report["totals"] = {"ppl": report["eval"]["ppl"], "eval_seconds": report["eval"]["seconds"],
                             "achieved_sparsity": 0.0, "pruning_seconds": 0.0}
     else:
-        flags = calibration_flags(CONFIGS.get(name, [])) + extra
-        if not flags:
+        if name not in CONFIGS:
             raise SystemExit(f"unknown configuration {name!r}; known: dense, {', '.join(CONFIGS)}")
+        flags = calibration_flags(CONFIGS[name], results) + extra
         # The configuration's flags come last, so they override COMMON (e.g. --calib).
         args = build_parser().parse_args(["prune", "smollm2-135m", *COMMON, "--data-dir", data_dir, *flags])
         report = cmd_prune(args)
@@ -107,52 +156,93 @@ def run(name, data_dir, extra):
         "wall_seconds": time.time() - start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
-        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "machine": machine(),
     }
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    if torch.cuda.is_available():
+        report["bench"]["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    with open(os.path.join(results, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
-    print(json.dumps({"name": name, "ppl": report["totals"].get("ppl"), **report["bench"]}))
+    print(json.dumps({"name": name, "ppl": report["totals"].get("ppl"), **report["bench"]}), flush=True)
 
 
-def table():
-    rows = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+def run_many(names, data_dir, extra, results, budget):
+    """Run each configuration in turn in this process; start none after ``budget`` seconds."""
+    import gc
+
+    import torch
+
+    start = time.time()
+    for name in names:
+        if budget and time.time() - start > budget:
+            print(f"budget of {budget:.0f} s spent: not started {name}", flush=True)
+            continue
+        run(name, data_dir, extra, results)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _admm_options(config):
+    if config.get("method") != "admm":
+        return ""
+    mask = config.get("mask", "gradual")
+    unstructured = config.get("pattern") is None  # the re-selection choice applies to unstructured masks only
+    parts = [f"gradual/{config.get('admm_reselect', 'schedule')}" if mask == "gradual" and unstructured else mask]
+    parts.append("final solve" if config.get("final_solve", True) else "no final solve")
+    return ", ".join(parts)
+
+
+def table(results):
+    rows, machines = [], set()
+    for path in sorted(glob.glob(os.path.join(results, "*.json"))):
         with open(path) as f:
             r = json.load(f)
-        t, b = r["totals"], r["bench"]
+        t, b, config = r["totals"], r["bench"], r.get("config") or {}
         q = r.get("quantization") or {}
-        sink = (r.get("config") or {}).get("sink_weight") or 1  # reports from before the option: plain statistics
+        sink = config.get("sink_weight") or 1  # reports from before the option: plain statistics
         calib = (r.get("calibration") or {}).get("source", "c4")
+        rel = t.get("mean_relative_loss")
+        machines.add(b.get("machine", "2 CPU cores, no GPU"))
         rows.append((b["name"], t.get("ppl"), t.get("achieved_sparsity", 0.0), q.get("bits_per_weight"), sink, calib,
-                     t.get("pruning_seconds", 0.0), t.get("eval_seconds"), b["peak_rss_mib"], b["threads"]))
-    lines = ["# Protocol P1 on smollm2-135m (fp32, CPU)", "",
+                     _admm_options(config), rel, t.get("pruning_seconds", 0.0), t.get("eval_seconds"),
+                     b.get("peak_gpu_mib", b["peak_rss_mib"]), b["threads"]))
+    on_gpu = any("CPU" not in m for m in machines)
+    lines = [f"# Protocol P1 on smollm2-135m (fp32, {'GPU' if on_gpu else 'CPU'})", "",
              "Calibration 32 x 2048 tokens (seed 0): C4, or 'self' (sampled from the dense model); "
              "WikiText-2 test, first 40 windows of 2048 tokens.",
-             "Timings were taken on a shared 2-core machine; threads 1 = two runs in parallel, 'default' = alone: compare loosely.", "",
-             "'sink' = --sink-weight (the first token of each window counted as that many tokens in the statistics).", "",
-             "| configuration | ppl | sparsity | bits/weight | sink | calibration | prune s | eval s | peak RSS MiB "
-             "| threads |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, ppl, sp, bits, sink, calib, ps, es, rss, th in rows:
+             f"Machine: {'; '.join(sorted(machines))}.",
+             "Timings: " + ("one run at a time on the GPU; memory = peak GPU memory allocated."
+                            if on_gpu else "a shared 2-core machine; threads 1 = two runs in parallel, "
+                            "'default' = alone: compare loosely; memory = peak RSS."), "",
+             "'sink' = --sink-weight (the first token of each window counted as that many tokens in the statistics).",
+             "'rel. error' = mean over the 210 Linears of ||(W - W')X||^2 / ||WX||^2 on the calibration inputs "
+             "(blank: not recorded by that run).", "",
+             "| configuration | ppl | sparsity | bits/weight | sink | calibration | ADMM mask, final solve | rel. error "
+             "| prune s | eval s | memory MiB | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, ppl, sp, bits, sink, calib, admm, rel, ps, es, mem, th in rows:
         lines.append(f"| {name} | {ppl:.2f} | {sp:.3f} | {'' if bits is None else f'{bits:.3f}'} | {sink:g} | {calib} "
-                     f"| {ps:.0f} | {es or 0:.0f} | {rss:.0f} | {th} |")
-    with open(os.path.join(HERE, "results", "p1.md"), "w") as f:
+                     f"| {admm} | {'' if rel is None else f'{rel:.4f}'} | {ps:.0f} | {es or 0:.0f} | {mem:.0f} | {th} |")
+    with open(results.rstrip("/") + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--results", default=RESULTS, help="folder of the result JSONs (the table is FOLDER.md)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("name")
+    r.add_argument("names", nargs="+", help="configurations, run one after another in this process")
     r.add_argument("--data-dir", default=os.environ.get("PYPRUNE_DATA_DIR", DEFAULT_DATA))
+    r.add_argument("--budget", type=float, default=0, help="start no configuration after this many seconds")
     sub.add_parser("table")
     args, extra = p.parse_known_args()
+    results = os.path.abspath(args.results)
     if args.cmd == "run":
-        run(args.name, os.path.abspath(args.data_dir), extra)
+        run_many(args.names, os.path.abspath(args.data_dir), extra, results, args.budget)
     else:
-        table()
+        table(results)
 
 
 if __name__ == "__main__":

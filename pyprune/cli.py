@@ -45,6 +45,9 @@ def _add_calibration_args(p):
     g.add_argument("--calib-temperature", type=float, default=None, help="self-calibration temperature (1.0)")
     g.add_argument("--calib-top-p", type=float, default=None, help="self-calibration nucleus top-p (0.95)")
     g.add_argument("--calib-batch-size", type=int, default=None, help="self-calibration sequences per batch (8)")
+    g.add_argument("--calib-prefix", default=None,
+                   help="self-calibration: text every sample starts with, special tokens allowed, e.g. "
+                        "'<|endoftext|>' (default: the BOS token)")
     g.add_argument("--sink-weight", type=float, default=None,
                    help="the first token of each window (the attention sink, read by every later token) counts "
                         "as this many tokens in the Hessians and input norms (default: 256 for sparsegpt and for "
@@ -281,7 +284,7 @@ def _calibration_tokens(args, calib, model, tokenizer, device, progress_dir):
             temperature, top_p, batch = _self_calib_options(args)
             tokens, info = generate_calibration(model, tokenizer, args.nsamples, args.seqlen, seed=args.seed,
                                                 temperature=temperature, top_p=top_p, batch_size=batch,
-                                                device=device, progress=not args.quiet)
+                                                prefix=args.calib_prefix, device=device, progress=not args.quiet)
             if saved:
                 save_calibration(saved, tokens, info)
     else:

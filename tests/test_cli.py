@@ -23,6 +23,9 @@ def test_prune_save_report_and_reload(tiny_saved_model, tmp_path, capsys):
     assert report["totals"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert report["totals"]["ppl"] > 1 and report["eval"]["windows"] == 3
     assert {"name", "shape", "target", "achieved_sparsity", "loss", "seconds"} <= set(report["linears"][0])
+    # relative error = loss / output energy, the fraction of each Linear's output lost; here well inside (0, 1)
+    rel = [r["relative_loss"] for r in report["linears"]]
+    assert all(0 < v < 1 for v in rel) and report["totals"]["mean_relative_loss"] == pytest.approx(sum(rel) / len(rel))
     assert len(report["linears"]) == 14 and report["versions"]["torch"] == torch.__version__
     # the saved folder is a normal Hugging Face checkpoint holding zeros ...
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -195,3 +198,17 @@ def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path, method):
     losses = [[x["loss"] for x in r["linears"]] for r in reports]
     assert all(v == v for v in losses[1])  # reported in memory
     assert all(v == v for v in losses[0]) == (method == "sparsegpt")  # wanda streamed: nan
+
+
+def test_self_calibration_from_the_command_line_with_a_prefix(tiny_saved_model, tmp_path):
+    from pyprune.data.calibration_file import load_calibration
+
+    model_dir, data = tiny_saved_model
+    calib, report_path = tmp_path / "calib.safetensors", tmp_path / "r.json"
+    assert main(prune_args(model_dir, data, "--method", "wanda", "--sparsity", "0.5", "--calib", "self",
+                           "--calib-prefix", "</s>", "--calib-temperature", "0.8", "--save-calib", str(calib),
+                           "--report", str(report_path))) == 0
+    info = json.loads(report_path.read_text())["calibration"]
+    assert info["source"] == "self" and info["prefix_ids"] == [2] and info["temperature"] == 0.8
+    tokens, _ = load_calibration(str(calib), nsamples=4, seqlen=32)
+    assert tokens.shape == (4, 32) and (tokens[:, 0] == 2).all()

@@ -32,12 +32,15 @@ def totals(records) -> dict:
     """Achieved sparsity over all pruned weights, weighted by size, and solver totals."""
     params = sum(r["shape"][0] * r["shape"][1] for r in records)
     zeros = sum(r["achieved_sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
+    relative = [r["relative_loss"] for r in records if r.get("relative_loss") is not None]
     return {
         "linears": len(records),
         "parameters": params,
         "achieved_sparsity": zeros / params if params else 0.0,
         "solver_seconds": sum(r["seconds"] for r in records),
         "loss_sum": sum(r["loss"] for r in records if r["loss"] == r["loss"]),
+        # mean over Linears of loss / output energy: the fraction of each output the compression destroys
+        "mean_relative_loss": sum(relative) / len(relative) if relative else None,
     }
 
 

@@ -27,7 +27,7 @@ from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
 from pyprune.pipeline.statistics import HessianCollector, InputNormCollector, StatisticsComplete, check_sink_weight
 from pyprune.solvers import get_solver, statistics_needed
-from pyprune.solvers.base import LayerStats
+from pyprune.solvers.base import LayerStats, output_energy
 
 
 @dataclass
@@ -234,6 +234,9 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     }
     record.update({k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))})
     record.update(extra)
+    if stats is not None and stats.H is not None and record["loss"] == record["loss"]:
+        energy = output_energy(W, stats.H)
+        record["relative_loss"] = record["loss"] / energy if energy > 0 else 0.0
     return record
 
 

@@ -47,7 +47,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
 
 from pyprune.schedule import levels as lv
-from pyprune.schedule.estimate import estimate_linears, output_energy
+from pyprune.schedule.estimate import estimate_linears
+from pyprune.solvers.base import output_energy
 from pyprune.solvers.pattern import SparsityPattern
 
 DEFAULT_LEVELS = 4

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from pyprune.ops.hessian import no_tf32
+
 
 @dataclass
 class LayerStats:
@@ -46,3 +48,11 @@ def reconstruction_loss(W: torch.Tensor, W_new: torch.Tensor, H: Optional[torch.
         return float("nan")
     dW = (W.float() - W_new.float())
     return float(0.5 * torch.sum(dW.matmul(H.float()) * dW))
+
+
+def output_energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``0.5 * tr(W H W^T)``: the mean per-token ``||W x||^2``, on the scale of the losses, so
+    ``loss / output_energy`` is the fraction of the Linear's output the pruning destroys."""
+    with no_tf32():
+        W = W.float().to(H.device)
+        return float(0.5 * torch.sum(W.matmul(H.float()) * W))
