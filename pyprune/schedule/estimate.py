@@ -81,53 +81,6 @@ def undamped_costs(W: torch.Tensor, scores: torch.Tensor, H: torch.Tensor, damp_
     return (scores - delta * W.pow(2)).clamp_min(0.0)
 
 
-def obs_error_curve(scores: torch.Tensor, sparsities: Sequence[float], blocksize: int = 128,
-                    costs: Optional[torch.Tensor] = None) -> list:
-    """``E(s)`` for each ``s`` in ``sparsities`` from the score matrix ``[rows, cols]``.
-
-    The weights removed are the lowest ``scores`` of each block; each costs its entry of ``costs``
-    (default: its score). Each block is sorted once; a prefix sum then gives any sparsity.
-    """
-    if blocksize < 1:
-        raise ValueError(f"blocksize={blocksize}: must be at least 1")
-    for s in sparsities:
-        if not 0.0 <= float(s) < 1.0:
-            raise ValueError(f"candidate sparsity {s} is outside [0, 1)")
-    totals = [0.0] * len(sparsities)
-    cols = scores.shape[1]
-    for i1 in range(0, cols, blocksize):
-        block = scores[:, i1:i1 + blocksize].flatten()
-        order = torch.argsort(block)
-        block_costs = block if costs is None else costs[:, i1:i1 + blocksize].flatten()
-        prefix = torch.cumsum(block_costs[order].double(), 0)
-        for t, s in enumerate(sparsities):
-            k = int(round(block.numel() * float(s)))
-            if k:
-                totals[t] += float(prefix[k - 1])
-    return [0.5 * t for t in totals]
-
-
-def undamped_costs(W: torch.Tensor, scores: torch.Tensor, H: torch.Tensor, damp_fraction: float,
-                   dead: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``w^2 (1/U_jj^2 - delta)``: the scores less the removed weight's share of the damping term."""
-    diag = torch.diag(H).float().clone()
-    diag[diag == 0] = 1.0  # dead inputs count as the factorisation counts them
-    delta = damp_fraction * float(diag.mean())
-    W = W.float()
-    if dead is not None and dead.any():
-        W = W.clone()
-        W[:, dead] = 0.0
-    return (scores - delta * W.pow(2)).clamp_min(0.0)
-
-
-def output_energy(W: torch.Tensor, H: torch.Tensor) -> float:
-    """``0.5 * tr(W H W^T)``: the mean per-token ``||W x||^2``, on the scale of the losses, so
-    ``estimate / output_energy`` is the fraction of the Linear's output the pruning destroys."""
-    with no_tf32():
-        W = W.float().to(H.device)
-        return float(0.5 * torch.sum(W.matmul(H.float()) * W))
-
-
 def obs_error(W: torch.Tensor, stats: LayerStats, sparsity: float, damp: float = 0.01,
               blocksize: int = 128, undamped: bool = True) -> float:
     """Estimated pruning loss of one Linear at ``sparsity`` (see the module docstring)."""
