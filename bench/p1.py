@@ -3,6 +3,7 @@
 
     python bench/p1.py [--results DIR] run NAME... [--data-dir D] [--budget S] [extra CLI flags]
     python bench/p1.py [--results DIR] table      # DIR.md (default bench/results/p1.md) from its JSONs
+    python bench/p1.py [--results DIR] grid       # DIR_grid.md: the method x sparsity grid
 
 Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
 option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
@@ -54,7 +55,8 @@ for _method, _mflags in GRID_METHODS.items():
         for _suffix, _sflags in (ADMM_SUFFIXES.items() if _method.startswith("admm") else [("", [])]):
             CONFIGS[f"{_method}-{_point}{_suffix}"] = _mflags + _pflags + _sflags
 for _point in ("60", "70", "80"):  # the published re-selection (every step at the final sparsity) vs the schedule
-    CONFIGS[f"admm-grad-{_point}-schedule"] = GRID_METHODS["admm-grad"] + POINTS[_point] + ["--admm-reselect", "schedule"]
+    CONFIGS[f"admm-grad-{_point}-schedule"] = ["--method", "admm", "--admm-reselect", "schedule", "--sink-weight", "1",
+                                               *POINTS[_point]]
 
 CONFIGS.update({
     "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl", "--sink-weight", "1"],
@@ -101,6 +103,12 @@ for _variant in SELF_VARIANTS:
                                        SELF + _variant],
         f"admm-grad-70-{_variant}": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF + _variant],
     })
+
+# Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
+# so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).
+for _flags in CONFIGS.values():
+    if "admm" in _flags and "--mask" not in _flags and "--admm-reselect" not in _flags:
+        _flags += ["--admm-reselect", "final"]
 
 
 def self_calib_file(results, variant):
@@ -228,6 +236,42 @@ def table(results):
     print("\n".join(lines))
 
 
+GRID_ROWS = [("magnitude", ""), ("wanda", ""), ("sparsegpt", ""), ("admm1", ""), ("admm1", "-nofinal"),
+             ("admm-grad", ""), ("admm-grad", "-nofinal"), ("admm-grad", "-schedule")]
+
+
+def grid(results):
+    """DIR_grid.md: perplexity, mean relative layer error and pruning seconds, method x sparsity."""
+    def load(name):
+        path = os.path.join(results, f"{name}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    lines = ["# P1 method x sparsity grid (sink weight 1 for every method)", "",
+             "Each cell: perplexity / mean relative layer error / pruning seconds (calibration forward passes "
+             "included). Blank: not run.", "",
+             "| method | " + " | ".join(POINTS) + " |", "|---|" + "---|" * len(POINTS)]
+    for method, suffix in GRID_ROWS:
+        cells = []
+        for point in POINTS:
+            r = load(f"{method}-{point}{suffix}")
+            if r is None:
+                cells.append("")
+                continue
+            t = r["totals"]
+            rel = t.get("mean_relative_loss")
+            cells.append(f"{t['ppl']:.2f} / {'-' if rel is None else f'{rel:.4f}'} / {t['pruning_seconds']:.1f}")
+        if any(cells):
+            label = _admm_options((load(f"{method}-70{suffix}") or load(f"{method}-2of4{suffix}") or {})
+                                  .get("config") or {})
+            lines.append(f"| {method}{suffix}{f' ({label})' if label else ''} | " + " | ".join(cells) + " |")
+    with open(results.rstrip("/") + "_grid.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--results", default=RESULTS, help="folder of the result JSONs (the table is FOLDER.md)")
@@ -237,10 +281,13 @@ def main():
     r.add_argument("--data-dir", default=os.environ.get("PYPRUNE_DATA_DIR", DEFAULT_DATA))
     r.add_argument("--budget", type=float, default=0, help="start no configuration after this many seconds")
     sub.add_parser("table")
+    sub.add_parser("grid")
     args, extra = p.parse_known_args()
     results = os.path.abspath(args.results)
     if args.cmd == "run":
         run_many(args.names, os.path.abspath(args.data_dir), extra, results, args.budget)
+    elif args.cmd == "grid":
+        grid(results)
     else:
         table(results)
 

@@ -65,7 +65,7 @@ def _add_solver_args(p):
     g.add_argument("--admm-damp", type=float, default=0.1, help="ADMM dampening, fraction of mean diag")
     g.add_argument("--mask", default="gradual", choices=["gradual", "wanda", "magnitude"],
                    help="ADMM mask: gradual (ADMM-Grad) or fixed from wanda/magnitude (ADMM1)")
-    g.add_argument("--admm-reselect", default="final", choices=["schedule", "final"],
+    g.add_argument("--admm-reselect", default="schedule", choices=["schedule", "final"],
                    help="gradual unstructured masks: follow the cubic schedule or re-select at the final sparsity")
     g.add_argument("--admm-per-row", action="store_true", help="gradual unstructured mask chosen per output row")
     g.add_argument("--admm-precision", default="fp32", choices=["fp32", "tf32", "fp16"],
