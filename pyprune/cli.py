@@ -48,6 +48,9 @@ def _add_calibration_args(p):
     g.add_argument("--calib-prefix", default=None,
                    help="self-calibration: text every sample starts with, special tokens allowed, e.g. "
                         "'<|endoftext|>' (default: the BOS token)")
+    g.add_argument("--calib-sample-len", type=int, default=None,
+                   help="self-calibration: fill each window with independent samples of this many tokens "
+                        "(a divisor of --seqlen; default: one sample per window)")
     g.add_argument("--sink-weight", type=float, default=None,
                    help="the first token of each window (the attention sink, read by every later token) counts "
                         "as this many tokens in the Hessians and input norms (default: 256 for sparsegpt and for "
@@ -243,7 +246,8 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
         if calib == "self":
             from pyprune.data.self_calibration import check_generation_args
 
-            check_generation_args(args.nsamples, args.seqlen, args.seed, *_self_calib_options(args))
+            check_generation_args(args.nsamples, args.seqlen, args.seed, *_self_calib_options(args),
+                                  sample_len=args.calib_sample_len)
         elif calib in ("c4", "wikitext2") and args.data_dir is not None:
             local_files(calib, "validation", args.data_dir)
         elif calib not in ("c4", "wikitext2"):
@@ -284,7 +288,8 @@ def _calibration_tokens(args, calib, model, tokenizer, device, progress_dir):
             temperature, top_p, batch = _self_calib_options(args)
             tokens, info = generate_calibration(model, tokenizer, args.nsamples, args.seqlen, seed=args.seed,
                                                 temperature=temperature, top_p=top_p, batch_size=batch,
-                                                prefix=args.calib_prefix, device=device, progress=not args.quiet)
+                                                prefix=args.calib_prefix, sample_len=args.calib_sample_len,
+                                                device=device, progress=not args.quiet)
             if saved:
                 save_calibration(saved, tokens, info)
     else:

@@ -167,6 +167,17 @@ def test_prefix_resolution():
     assert tokens.shape == (3, 9) and torch.all(tokens[:, :3] == torch.tensor([BOS, 7, 8]))
 
 
+def test_short_samples_packed_into_windows():
+    """sample_len: each window holds seqlen // sample_len independent samples, each from the prefix,
+    and is the same text as generating those samples directly."""
+    model = tiny_llama()
+    packed, info = gen(model, n=3, L=12, seed=5, sample_len=4)
+    pieces, _ = gen(model, n=9, L=4, seed=5)
+    assert packed.shape == (3, 12) and torch.equal(packed, pieces.reshape(3, 12))
+    assert torch.all(packed[:, ::4] == BOS)
+    assert info["nsamples"] == 3 and info["seqlen"] == 12 and info["sample_len"] == 4 and info["samples"] == 9
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(n=0), "nsamples=0"),
     (dict(L=1), "seqlen=1 leaves no room"),
@@ -176,6 +187,8 @@ def test_prefix_resolution():
     (dict(batch_size=0), "batch_size=0"),
     (dict(on_eos="stop"), "on_eos='stop'"),
     (dict(seed=1.5), "seed=1.5"),
+    (dict(L=12, sample_len=5), "sample_len=5"),
+    (dict(sample_len=1), "sample_len=1"),
 ])
 def test_bad_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):

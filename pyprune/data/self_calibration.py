@@ -115,11 +115,16 @@ def resolve_prefix(model, tokenizer, prefix) -> list:
 
 
 def check_generation_args(nsamples, seqlen, seed=0, temperature=DEFAULT_TEMPERATURE,
-                          top_p=DEFAULT_TOP_P, batch_size=DEFAULT_BATCH_SIZE, on_eos="continue"):
+                          top_p=DEFAULT_TOP_P, batch_size=DEFAULT_BATCH_SIZE, on_eos="continue",
+                          sample_len=None):
     """Raise ValueError naming the first bad argument (cheap: call it before loading a model)."""
     for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
+    if sample_len is not None and (isinstance(sample_len, bool) or not isinstance(sample_len, int)
+                                   or sample_len < 2 or seqlen % sample_len):
+        raise ValueError(f"sample_len={sample_len!r} is not allowed: it must be an integer of at least 2 "
+                         f"that divides seqlen={seqlen}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature={temperature!r} is not allowed: it must be > 0 (greedy "
                          "decoding would make every calibration sample the same text)")
@@ -191,10 +196,16 @@ def generate_calibration(
     batch_size: int = DEFAULT_BATCH_SIZE,
     prefix: Optional[Union[str, Sequence[int], torch.Tensor]] = None,
     on_eos: str = "continue",
+    sample_len: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
 ):
     """Sample ``nsamples`` sequences of exactly ``seqlen`` tokens from ``model``.
+
+    ``sample_len`` (a divisor of ``seqlen``; default ``seqlen``): each row is instead the
+    concatenation of ``seqlen // sample_len`` independent samples of that length, each starting
+    with the prefix, as packed pre-training documents are. Short samples drift less into
+    repetition than one long one.
 
     Returns ``(tokens, info)``: ``tokens`` is a CPU LongTensor ``[nsamples, seqlen]`` (prefix
     included) in the same form as dataset calibration; ``info`` records how it was made and the
@@ -205,7 +216,14 @@ def generate_calibration(
     """
     from tqdm.auto import tqdm
 
-    check_generation_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos)
+    check_generation_args(nsamples, seqlen, seed, temperature, top_p, batch_size, on_eos, sample_len)
+    if sample_len is not None and sample_len != seqlen:
+        pieces = seqlen // sample_len
+        tokens, info = generate_calibration(model, tokenizer, nsamples * pieces, sample_len, seed=seed,
+                                            temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                            prefix=prefix, on_eos=on_eos, device=device, progress=progress)
+        info = dict(info, nsamples=nsamples, seqlen=seqlen, sample_len=sample_len, samples=nsamples * pieces)
+        return tokens.reshape(nsamples, seqlen), info
     prefix_ids = resolve_prefix(model, tokenizer, prefix)
     if len(prefix_ids) >= seqlen:
         raise ValueError(f"seqlen={seqlen} leaves no room to generate after the {len(prefix_ids)}"
@@ -267,6 +285,8 @@ def generate_calibration(
         "model": getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         "nsamples": nsamples,
         "seqlen": seqlen,
+        "sample_len": seqlen,
+        "samples": nsamples,
         "seed": seed,
         "temperature": float(temperature),
         "top_p": float(top_p),
