@@ -202,6 +202,15 @@ def _admm_options(config):
     return ", ".join(parts)
 
 
+def _relative_error(totals):
+    """The mean relative layer error as text; '*' marks the first recorded form (see the legend)."""
+    if totals.get("mean_relative_error") is not None:
+        return f"{totals['mean_relative_error']:.4f}"
+    if totals.get("mean_relative_loss") is not None:
+        return f"{totals['mean_relative_loss']:.4f}*"
+    return ""
+
+
 def table(results):
     rows, machines = [], set()
     for path in sorted(glob.glob(os.path.join(results, "*.json"))):
@@ -211,7 +220,7 @@ def table(results):
         q = r.get("quantization") or {}
         sink = config.get("sink_weight") or 1  # reports from before the option: plain statistics
         calib = (r.get("calibration") or {}).get("source", "c4")
-        rel = t.get("mean_relative_loss")
+        rel = _relative_error(t)
         machines.add(b.get("machine", "2 CPU cores, no GPU"))
         rows.append((b["name"], t.get("ppl"), t.get("achieved_sparsity", 0.0), q.get("bits_per_weight"), sink, calib,
                      _admm_options(config), rel, t.get("pruning_seconds", 0.0), t.get("eval_seconds"),
@@ -225,14 +234,16 @@ def table(results):
                             if on_gpu else "a shared 2-core machine; threads 1 = two runs in parallel, "
                             "'default' = alone: compare loosely; memory = peak RSS."), "",
              "'sink' = --sink-weight (the first token of each window counted as that many tokens in the statistics).",
-             "'rel. error' = mean over the 210 Linears of ||(W - W')X||^2 / ||WX||^2 on the calibration inputs "
-             "(blank: not recorded by that run).", "",
+             "'rel. error' = mean over the 210 Linears of ||(W - W')X||^2 / ||WX||^2 on the calibration inputs, "
+             "W' the final weight (blank: not recorded by that run). Marked '*': the first recorded form, the "
+             "solver's loss over ||W'X||^2 (the compressed weight's output); with quantization after the solver "
+             "(GPTQ alone, ADMM + INT4) it counts the pruning part only.", "",
              "| configuration | ppl | sparsity | bits/weight | sink | calibration | ADMM mask, final solve | rel. error "
              "| prune s | eval s | memory MiB | threads |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ppl, sp, bits, sink, calib, admm, rel, ps, es, mem, th in rows:
         lines.append(f"| {name} | {ppl:.2f} | {sp:.3f} | {'' if bits is None else f'{bits:.3f}'} | {sink:g} | {calib} "
-                     f"| {admm} | {'' if rel is None else f'{rel:.4f}'} | {ps:.0f} | {es or 0:.0f} | {mem:.0f} | {th} |")
+                     f"| {admm} | {rel} | {ps:.0f} | {es or 0:.0f} | {mem:.0f} | {th} |")
     with open(results.rstrip("/") + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -253,7 +264,8 @@ def grid(results):
 
     lines = ["# P1 method x sparsity grid (sink weight 1 for every method)", "",
              "Each cell: perplexity / mean relative layer error / pruning seconds (calibration forward passes "
-             "included). Blank: not run.", "",
+             "included). Blank: not run. The layer error is defined in the legend of the full table beside this "
+             "file ('*': its first recorded form, the solver's loss over the compressed weight's output energy).", "",
              "| method | " + " | ".join(POINTS) + " |", "|---|" + "---|" * len(POINTS)]
     for method, suffix in GRID_ROWS:
         cells = []
@@ -263,8 +275,7 @@ def grid(results):
                 cells.append("")
                 continue
             t = r["totals"]
-            rel = t.get("mean_relative_loss")
-            cells.append(f"{t['ppl']:.2f} / {'-' if rel is None else f'{rel:.4f}'} / {t['pruning_seconds']:.1f}")
+            cells.append(f"{t['ppl']:.2f} / {_relative_error(t) or '-'} / {t['pruning_seconds']:.1f}")
         if any(cells):
             label = _admm_options((load(f"{method}-70{suffix}") or load(f"{method}-2of4{suffix}") or {})
                                   .get("config") or {})

@@ -32,15 +32,15 @@ def totals(records) -> dict:
     """Achieved sparsity over all pruned weights, weighted by size, and solver totals."""
     params = sum(r["shape"][0] * r["shape"][1] for r in records)
     zeros = sum(r["achieved_sparsity"] * r["shape"][0] * r["shape"][1] for r in records)
-    relative = [r["relative_loss"] for r in records if r.get("relative_loss") is not None]
+    relative = [r["relative_error"] for r in records if r.get("relative_error") is not None]
     return {
         "linears": len(records),
         "parameters": params,
         "achieved_sparsity": zeros / params if params else 0.0,
         "solver_seconds": sum(r["seconds"] for r in records),
         "loss_sum": sum(r["loss"] for r in records if r["loss"] == r["loss"]),
-        # mean over Linears of loss / output energy: the fraction of each output the compression destroys
-        "mean_relative_loss": sum(relative) / len(relative) if relative else None,
+        # mean over Linears of ||(W - W_final) X||^2 / ||W X||^2: the fraction of each output destroyed
+        "mean_relative_error": sum(relative) / len(relative) if relative else None,
     }
 
 

@@ -27,7 +27,7 @@ from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
 from pyprune.pipeline.statistics import HessianCollector, InputNormCollector, StatisticsComplete, check_sink_weight
 from pyprune.solvers import get_solver, statistics_needed
-from pyprune.solvers.base import LayerStats, output_energy
+from pyprune.solvers.base import LayerStats, output_energy, reconstruction_loss
 
 
 @dataclass
@@ -219,8 +219,9 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     W_new, extra = result.weight, {}
     if post_solve is not None:
         W_new, extra = post_solve(full_name, W_new, result, stats)
-    set_weight_matrix(module, W_new.to(W.dtype))
     seconds = time.time() - t0
+    relative_error = _relative_error(W, W_new.to(W.dtype), stats)  # W is a view: measure before writing
+    set_weight_matrix(module, W_new.to(W.dtype))
     zeros = int((weight_matrix(module) == 0).sum())
     record = {
         "name": full_name,
@@ -234,10 +235,18 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     }
     record.update({k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))})
     record.update(extra)
-    if stats is not None and stats.H is not None and record["loss"] == record["loss"]:
-        energy = output_energy(W, stats.H)
-        record["relative_loss"] = record["loss"] / energy if energy > 0 else 0.0
+    if relative_error is not None:
+        record["relative_error"] = relative_error
     return record
+
+
+def _relative_error(W, W_new, stats: Optional[LayerStats]) -> Optional[float]:
+    """``||(W - W_new) X||^2 / ||W X||^2`` on the calibration inputs: the fraction of the Linear's
+    output that pruning and quantization together destroy (None without a Hessian)."""
+    if stats is None or stats.H is None:
+        return None
+    energy = output_energy(W, stats.H)
+    return reconstruction_loss(W, W_new, stats.H) / energy if energy > 0 else 0.0
 
 
 def _restore_layers(layers, weights_by_layer):
