@@ -9,9 +9,9 @@ Configurations named without "sink" pin --sink-weight 1 (plain statistics, as me
 option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
 The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the dense model
 (seed 0, the CLI's sampling defaults, batches of 32); "-selfeot" starts each row with <|endoftext|>
-instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and "-self512" / "-self256" fill
-each window with independent samples of 512 / 256 tokens. The first run of
-a variant generates its tokens into DIR/self_calib_32x2048_seed0[_VARIANT].safetensors (not
+instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
+"-self512" / "-self256" fill each window with independent samples of 512 / 256 tokens. The first
+run of a variant generates its tokens into DIR/self_calib_32x2048_seed0[_VARIANT].safetensors (not
 versioned; its header records the generation time), later runs reuse that file.
 Each run writes DIR/NAME.json: the pyprune report plus wall time, peak RSS (and peak GPU memory).
 """
