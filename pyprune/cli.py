@@ -50,7 +50,7 @@ def _add_calibration_args(p):
                         "'<|endoftext|>' (default: the BOS token)")
     g.add_argument("--calib-sample-len", type=int, default=None,
                    help="self-calibration: fill each window with independent samples of this many tokens "
-                        "(a divisor of --seqlen; default: one sample per window)")
+                        "(a divisor of --seqlen; default: 512 where it divides --seqlen, else one sample per window)")
     g.add_argument("--sink-weight", type=float, default=None,
                    help="the first token of each window (the attention sink, read by every later token) counts "
                         "as this many tokens in the Hessians and input norms (default: 256 for sparsegpt and for "

@@ -178,6 +178,17 @@ def test_short_samples_packed_into_windows():
     assert info["nsamples"] == 3 and info["seqlen"] == 12 and info["sample_len"] == 4 and info["samples"] == 9
 
 
+def test_default_sample_len_applies_where_it_divides_the_window(monkeypatch):
+    from pyprune.data import self_calibration
+
+    monkeypatch.setattr(self_calibration, "DEFAULT_SAMPLE_LEN", 4)
+    model = tiny_llama()
+    packed, info = gen(model, n=2, L=12, seed=2)
+    assert info["sample_len"] == 4 and torch.equal(packed, gen(model, n=6, L=4, seed=2)[0].reshape(2, 12))
+    whole, info = gen(model, n=2, L=10, seed=2)  # 4 does not divide 10: one sample per row
+    assert info["sample_len"] == 10 and info["samples"] == 2 and (whole[:, 4] != BOS).any()
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(n=0), "nsamples=0"),
     (dict(L=1), "seqlen=1 leaves no room"),
