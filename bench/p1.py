@@ -59,8 +59,7 @@ for _method, _mflags in GRID_METHODS.items():
         for _suffix, _sflags in (ADMM_SUFFIXES.items() if _method.startswith("admm") else [("", [])]):
             CONFIGS[f"{_method}-{_point}{_suffix}"] = _mflags + _pflags + _sflags
 for _point in ("60", "70", "80"):  # the published re-selection (every step at the final sparsity) vs the schedule
-    CONFIGS[f"admm-grad-{_point}-schedule"] = ["--method", "admm", "--admm-reselect", "schedule", "--sink-weight", "1",
-                                               *POINTS[_point]]
+    CONFIGS[f"admm-grad-{_point}-schedule"] = GRID_METHODS["admm-grad"] + POINTS[_point] + ["--admm-reselect", "schedule"]
 
 CONFIGS.update({
     "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl", "--sink-weight", "1"],
