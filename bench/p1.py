@@ -10,7 +10,8 @@ option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt an
 The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the dense model
 (seed 0, the CLI's sampling defaults, batches of 32, one 2048-token sample per window); "-selfeot" starts each row with <|endoftext|>
 instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
-"-self512" / "-self256" fill each window with independent samples of 512 / 256 tokens. The first
+"-self512" / "-self256" fill each window with independent samples of 512 / 256 tokens
+("-self512-topp1": 512, sampled without the top-p cut). The first
 run of a variant generates its tokens into DIR/self_calib_32x2048_seed0[_VARIANT].safetensors (not
 versioned; its header records the generation time), later runs reuse that file.
 Each run writes DIR/NAME.json: the pyprune report plus wall time, peak RSS (and peak GPU memory).
@@ -39,6 +40,7 @@ SELF_VARIANTS = {
     "selfeot-t08": ["--calib-sample-len", "2048", "--calib-prefix", "<|endoftext|>", "--calib-temperature", "0.8"],
     "self512": ["--calib-sample-len", "512"],  # four independent 512-token samples per window
     "self256": ["--calib-sample-len", "256"],
+    "self512-topp1": ["--calib-sample-len", "512", "--calib-top-p", "1.0"],  # the untruncated distribution
 }
 
 # The method x sparsity grid (ADMM issue): every name METHOD-POINT, e.g. admm-grad-70, admm1-2of4-nofinal.
