@@ -1,6 +1,7 @@
 """Layer-level INT4 comparison: relative reconstruction error of RTN, GPTQ and GPTQ with act-order
 at group sizes 32/64/128/per-channel, and of SparseGPT 50 % + INT4 in one sweep versus SparseGPT
-50 % followed by mask-preserving GPTQ.
+50 % followed by mask-preserving GPTQ; each INT4 configuration with min-max scales and with the
+"mse" scale search (``... mse``).
 
 Inputs: real activations of SmolLM2-135M (a safetensors copy in --model-dir, default
 /tmp/smol_st) on C4 windows from /work/shared/data/c4, captured with forward pre-hooks; half of
@@ -13,6 +14,7 @@ squared output error of the layer, on held-out tokens (``heldout``) and calibrat
 
     python bench/bench_int4_layers.py                 # ~1-3 min on 2 CPU cores
     python bench/bench_int4_layers.py --random        # no model needed
+    python bench/bench_int4_layers.py --only g64      # configurations whose name has "g64"
 
 Writes bench/results/int4_layers.json and bench/results/int4_layers.md.
 """
@@ -27,6 +29,7 @@ import time
 import torch
 
 from pyprune.ops.hessian import accumulate_hessian
+from pyprune.ops.int4_grid import SCALE_FITS
 from pyprune.solvers import sparsegpt
 from pyprune.solvers.base import LayerStats
 from pyprune.solvers.compressed_size import layer_storage
@@ -47,6 +50,7 @@ def parse_args():
     p.add_argument("--windows", type=int, default=8, help="C4 windows (half calibration, half held out)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated substrings: run only configurations naming one")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return p.parse_args()
 
@@ -155,18 +159,27 @@ def configs_for(W, cal):
     for g in GROUPSIZES:
         if g != -1 and cols % g:
             continue
-        out.append((f"RTN {gs_label(g)}", lambda g=g: quantize_layer(W, cal, method="rtn", groupsize=g)))
-        out.append((f"GPTQ {gs_label(g)}", lambda g=g: quantize_layer(W, cal, method="gptq", groupsize=g)))
-        out.append((f"GPTQ act-order {gs_label(g)}",
-                    lambda g=g: quantize_layer(W, cal, method="gptq", groupsize=g, act_order=True)))
+        for fit in SCALE_FITS:
+            tag = f"{gs_label(g)}{'' if fit == 'minmax' else ' mse'}"
+            out.append((f"RTN {tag}", lambda g=g, fit=fit: quantize_layer(W, cal, method="rtn", groupsize=g,
+                                                                          scale_fit=fit)))
+            out.append((f"GPTQ {tag}", lambda g=g, fit=fit: quantize_layer(W, cal, method="gptq", groupsize=g,
+                                                                           scale_fit=fit)))
+            out.append((f"GPTQ act-order {tag}",
+                        lambda g=g, fit=fit: quantize_layer(W, cal, method="gptq", groupsize=g, act_order=True,
+                                                            scale_fit=fit)))
     out.append(("SparseGPT 50% (no INT4, fp16 values)", lambda: sparsegpt.solve(W, cal, half)))
     for g in SPARSE_GROUPSIZES:
         if g != -1 and cols % g:
             continue
-        out.append((f"SparseGPT 50% + INT4 joint {gs_label(g)}",
-                    lambda g=g: prune_and_quantize(W, cal, half, groupsize=g)))
-        out.append((f"SparseGPT 50% then mask-GPTQ {gs_label(g)}", lambda g=g: _sparse_then_gptq(W, cal, half, g)))
-        out.append((f"SparseGPT 50% then RTN {gs_label(g)}", lambda g=g: _sparse_then_rtn(W, cal, half, g)))
+        for fit in SCALE_FITS:
+            tag = f"{gs_label(g)}{'' if fit == 'minmax' else ' mse'}"
+            out.append((f"SparseGPT 50% + INT4 joint {tag}",
+                        lambda g=g, fit=fit: prune_and_quantize(W, cal, half, groupsize=g, scale_fit=fit)))
+            out.append((f"SparseGPT 50% then mask-GPTQ {tag}",
+                        lambda g=g, fit=fit: _sparse_then_quantize(W, cal, half, g, "gptq", fit)))
+            out.append((f"SparseGPT 50% then RTN {tag}",
+                        lambda g=g, fit=fit: _sparse_then_quantize(W, cal, half, g, "rtn", fit)))
     return out
 
 
@@ -181,14 +194,9 @@ def _sparse(W, cal, pattern):
     return _sparse_cache[key]
 
 
-def _sparse_then_gptq(W, cal, pattern, g):
+def _sparse_then_quantize(W, cal, pattern, g, method, fit):
     s = _sparse(W, cal, pattern)
-    return quantize_layer(s.weight, cal, method="gptq", groupsize=g, pruned=s.pruned)
-
-
-def _sparse_then_rtn(W, cal, pattern, g):
-    s = _sparse(W, cal, pattern)
-    return quantize_layer(s.weight, cal, method="rtn", groupsize=g, pruned=s.pruned)
+    return quantize_layer(s.weight, cal, method=method, groupsize=g, pruned=s.pruned, scale_fit=fit)
 
 
 def main():
@@ -204,6 +212,8 @@ def main():
     rows = []
     for name, (W, cal, heldout) in layers.items():
         for config, run in configs_for(W, cal):
+            if args.only and not any(part in config for part in args.only.split(",")):
+                continue
             t = time.time()
             r = run()
             pruned = getattr(r, "pruned", None)

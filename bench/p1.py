@@ -109,6 +109,11 @@ for _variant in SELF_VARIANTS:
         f"admm-grad-70-{_variant}": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF + _variant],
     })
 
+# "-mse": the same INT4 configuration with scales fitted by the mse search instead of min-max.
+for _name, _flags in list(CONFIGS.items()):
+    if "--wbits" in _flags:
+        CONFIGS[_name + "-mse"] = _flags + ["--scale-fit", "mse"]
+
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).
 for _flags in CONFIGS.values():

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from pyprune.ops.int4_grid import SCALE_FITS
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "none")
 
@@ -103,6 +105,9 @@ def _add_quant_args(p):
     g.add_argument("--groupsize", type=int, default=128, help="INT4 columns per scale (32, 64, 128, 256; -1 per channel)")
     g.add_argument("--act-order", action="store_true", help="GPTQ in decreasing Hessian-diagonal order (static groups)")
     g.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"], help="INT4 quantizer")
+    g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
+                   help="INT4 group scales: minmax (max|w|/7) or mse (search of shrunk scales for the "
+                        "smallest rounding error; on GPU the fitted-scale sweep then runs unfused)")
 
 
 def build_parser():
@@ -319,12 +324,13 @@ def _solver_and_options(args, target):
     quantizer = None
     if args.wbits == 4:
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
+                                   scale_fit=args.scale_fit,
                                    **({"damp": args.damp, "blocksize": args.blocksize}
                                       if args.quant_method == "gptq" else {}))
         if method == "none":
             method = no_pruning
         elif method == "sparsegpt" and args.quant_method == "gptq" and not args.act_order:
-            method = sparsegpt_int4_solver(args.groupsize)  # prune and quantize in one sweep
+            method = sparsegpt_int4_solver(args.groupsize, args.scale_fit)  # prune and quantize in one sweep
     return method, options, quantizer
 
 
@@ -428,7 +434,8 @@ def cmd_prune(args):
     if quantizer is not None:
         cost = quantizer.storage()
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
-                                  "act_order": args.act_order, "bits_per_weight": cost.bits_per_weight,
+                                  "act_order": args.act_order, "scale_fit": args.scale_fit,
+                                  "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:
         return report  # rank 0 writes the model and the report

@@ -82,15 +82,18 @@ def test_missing_model_folder_is_named(tmp_path, capsys, data_dir):
     assert missing in capsys.readouterr().err
 
 
-def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp_path, capsys):
+@pytest.mark.parametrize("scale_fit", ["minmax", "mse"])
+def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp_path, capsys, scale_fit):
     from pyprune.formats.quant_state import load_quant_state
 
     model_dir, data = tiny_saved_model
     out = tmp_path / "q"
     assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4",
-                           "--groupsize", "32", "--save", str(out))) == 0
+                           "--groupsize", "32", "--scale-fit", scale_fit, "--save", str(out))) == 0
     report = json.loads((out / "pyprune_report.json").read_text())
     assert report["quantization"]["bits_per_weight"] < 4
+    assert report["quantization"]["scale_fit"] == scale_fit
+    assert all(r["scale_fit"] == scale_fit for r in report["linears"])
     states = load_quant_state(str(out))
     model = AutoModelForCausalLM.from_pretrained(out)
     W = model.model.layers[0].self_attn.q_proj.weight

@@ -63,6 +63,34 @@ def test_gptq_beats_rtn(W, stats, groupsize):
     assert not torch.equal(act.weight, gptq.weight)
 
 
+@pytest.mark.parametrize("pattern", [None, SparsityPattern(0.5), SparsityPattern(n=2, m=4)])
+def test_mse_scales_lower_the_loss(W, stats, pattern):
+    def run(scale_fit, act_order=False):
+        if pattern is None:
+            return quantize_layer(W, stats, method="gptq", groupsize=64, scale_fit=scale_fit, act_order=act_order)
+        return prune_and_quantize(W, stats, pattern, groupsize=64, scale_fit=scale_fit)
+
+    minmax, mse = run("minmax"), run("mse")
+    assert_on_grid(mse)
+    assert mse.info["scale_fit"] == "mse"
+    # Joint runs also carry the (much larger) pruning loss, which the scales do not change.
+    assert mse.loss < (0.95 if pattern is None else 0.99) * minmax.loss, (minmax.loss, mse.loss)
+    if pattern is not None:
+        assert float(mse.pruned.float().mean()) == pytest.approx(0.5)
+    else:  # static act-order scales too
+        assert run("mse", act_order=True).loss < run("minmax", act_order=True).loss
+
+
+def test_mse_fitted_in_the_sweep_skips_the_fused_kernel():
+    from pyprune.ops.obs_sweep import QuantSpec, _kernel_fits
+
+    W1 = torch.zeros(8, 128)
+    assert _kernel_fits(W1, None, QuantSpec(64))
+    assert not _kernel_fits(W1, None, QuantSpec(64, scale_fit="mse"))  # the kernel fits min-max only
+    static = QuantSpec(64, static_scales=torch.ones(8, 2), group_of_column=torch.arange(128) // 64, scale_fit="mse")
+    assert _kernel_fits(W1, None, static)  # static scales were fitted before the sweep
+
+
 def test_act_order_groups_are_static_and_contiguous(W, stats):
     g = 64
     act = quantize_layer(W, stats, method="gptq", groupsize=g, act_order=True)
@@ -212,3 +240,8 @@ def test_gptq_on_cuda_matches_the_reference(W, stats):
     joint_gpu = prune_and_quantize(W.cuda(), LayerStats(stats.H.cuda(), stats.nsamples), SparsityPattern(0.5), groupsize=64)
     assert abs(joint_gpu.loss - joint_ref.loss) / joint_ref.loss < 0.05
     assert int(joint_gpu.pruned.sum()) == int(joint_ref.pruned.sum())
+    mse_ref = quantize_layer(W, stats, method="gptq", groupsize=64, scale_fit="mse")
+    mse_gpu = quantize_layer(W.cuda(), LayerStats(stats.H.cuda(), stats.nsamples), method="gptq", groupsize=64,
+                             scale_fit="mse")
+    assert_on_grid(mse_gpu)
+    assert abs(mse_gpu.loss - mse_ref.loss) / mse_ref.loss < 0.05

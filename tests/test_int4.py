@@ -78,6 +78,41 @@ def test_groupsize_must_divide_width(method):
         quantize_layer(W, stats, method=method, groupsize=48)
 
 
+def test_mse_scale_fit_never_rounds_worse_than_minmax():
+    W = random_weight(rows=64, cols=128, seed=3)
+    W[:, 5] *= 6.0  # an outlier column: shrinking the scale pays off on most groups
+    for groupsize in (32, -1):
+        minmax = quantize_layer(W, None, method="rtn", groupsize=groupsize)
+        mse = quantize_layer(W, None, method="rtn", groupsize=groupsize, scale_fit="mse")
+        assert_on_grid(mse)
+        assert mse.info["scale_fit"] == "mse"
+        err_minmax = (minmax.weight - W).pow(2).reshape(64, -1, minmax.groupsize).sum(-1)
+        err_mse = (mse.weight - W).pow(2).reshape(64, -1, mse.groupsize).sum(-1)
+        assert (err_mse <= err_minmax).all()  # r = 1 is a candidate, per group
+        assert float(err_mse.sum()) < 0.9 * float(err_minmax.sum())
+        assert (mse.scales <= minmax.scales).all() and (mse.scales < minmax.scales).any()
+
+
+def test_mse_scale_fit_weighs_columns():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g)
+    w[:, 0] = 20.0  # an outlier in every row
+    unweighted = int4_grid.fit_scale(w, "mse")
+    ignore_outlier = torch.ones(1, 32)
+    ignore_outlier[0, 0] = 0.0
+    weighted = int4_grid.fit_scale(w, "mse", ignore_outlier)
+    only_outlier = torch.zeros(1, 32)
+    only_outlier[0, 0] = 1.0
+    exact_outlier = int4_grid.fit_scale(w, "mse", only_outlier)
+    # Ignoring the outlier, a grid near the finest candidate (0.3 x min-max) fits the Gaussian
+    # rest best; counting it, so fine a grid would clip it from 20 to about 6.
+    minmax = int4_grid.fit_scale(w, "minmax")
+    assert (weighted < 0.4 * minmax).all() and (unweighted > 0.9 * minmax).all()
+    # Only the outlier counts: it must land exactly on the grid (20 = 7 * scale is min-max).
+    assert torch.equal(exact_outlier, int4_grid.fit_scale(w, "minmax"))
+    assert torch.equal(int4_grid.fit_scale(torch.zeros(3, 8), "mse"), torch.ones(3, 1))
+
+
 def test_bad_arguments_are_refused():
     W = random_weight(rows=8, cols=64)
     with pytest.raises(ValueError, match="unknown quantization method 'awq'"):
@@ -88,6 +123,8 @@ def test_bad_arguments_are_refused():
         quantize_layer(W, None, method="rtn", groupsize=32, pruned=torch.zeros(8, 32, dtype=torch.bool))
     with pytest.raises(ValueError, match="needs calibration statistics"):
         quantize_layer(W, None, method="gptq", groupsize=32)
+    with pytest.raises(ValueError, match="scale_fit='l1' is not supported; allowed: minmax, mse"):
+        quantize_layer(W, None, method="rtn", groupsize=32, scale_fit="l1")
 
 
 def test_encode_rejects_off_grid_weights():

@@ -6,9 +6,15 @@
   column order (``groupsize=-1``: one group spanning the whole row). The group size must divide
   the layer width; there are no ragged groups. Scales are positive and are rounded to float16
   when fitted, so the packed checkpoint (fp16 scales) represents them exactly.
-* A weight is ``scale * q``; min-max fit: ``scale = max|w| / 7`` over the group's kept weights
-  (pruned ones do not count), so the largest magnitude maps to +-7 and -8 is only reached by
-  values pushed there by error compensation.
+* A weight is ``scale * q``. Two ways to fit a group's scale (``scale_fit``), both over the
+  group's kept weights (pruned ones are zero, which every scale represents exactly):
+
+  - ``"minmax"`` (default): ``scale = max|w| / 7``, so the largest magnitude maps to +-7 and -8
+    is only reached by values pushed there by error compensation;
+  - ``"mse"``: the scale among ``max|w| * r / 7`` for ``r`` in ``MSE_RATIOS`` (1.00, 0.99, ...,
+    0.30) that gives the smallest squared rounding error of the group, optionally weighted per
+    column. Shrinking clips the few largest weights (to +-7 or -8) and buys a finer grid for the
+    rest; ``r = 1`` is a candidate, so the error is never above min-max's.
 * ``scale * q`` is exact in float32 (11 significant bits times 4), so the dequantized float32
   weight and the pair (codes, scales) carry exactly the same information. It is generally NOT
   exact in float16/bfloat16: there, the codes and scales are the truth.
@@ -22,6 +28,14 @@ QMAX = 7
 BITS = 4
 SCALE_BITS = 16  # scales are stored as float16
 VALID_GROUPSIZES = (-1, 32, 64, 128, 256)
+SCALE_FITS = ("minmax", "mse")
+MSE_RATIOS = tuple(round(1.0 - 0.01 * k, 2) for k in range(71))  # 1.00 down to 0.30
+
+
+def check_scale_fit(scale_fit: str) -> str:
+    if scale_fit not in SCALE_FITS:
+        raise ValueError(f"scale_fit={scale_fit!r} is not supported; allowed: {', '.join(SCALE_FITS)}")
+    return scale_fit
 
 
 def check_groupsize(groupsize: int, in_features: int) -> int:
@@ -47,12 +61,39 @@ def check_groupsize(groupsize: int, in_features: int) -> int:
     return groupsize
 
 
-def fit_scale(w: torch.Tensor) -> torch.Tensor:
-    """Min-max scale for each row of ``w`` ([rows, g] -> [rows, 1], float32, fp16-exact)."""
-    absmax = w.abs().amax(dim=1, keepdim=True).float()
-    scale = (absmax / QMAX).to(torch.float16).float()
+def fit_scale(w: torch.Tensor, scale_fit: str = "minmax", weight: torch.Tensor = None) -> torch.Tensor:
+    """Scale for each row of ``w`` ([rows, g] -> [rows, 1], float32, fp16-exact).
+
+    ``weight`` (broadcastable to ``w``, non-negative) weighs each weight's squared rounding error
+    in the ``"mse"`` fit; min-max ignores it.
+    """
+    check_scale_fit(scale_fit)
+    w = w.float()
+    absmax = w.abs().amax(dim=1, keepdim=True)
+    best = _fp16_scale(absmax / QMAX)
+    if scale_fit == "minmax":
+        return best
+    best_err = _rounding_error(w, best, weight)
+    for ratio in MSE_RATIOS[1:]:
+        scale = _fp16_scale(absmax * ratio / QMAX)
+        err = _rounding_error(w, scale, weight)
+        better = err < best_err  # strict: ties keep the wider scale
+        best = torch.where(better, scale, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.to(torch.float16).float()
     # All-zero rows (fully pruned groups) and fp16 underflow: any positive scale represents 0.
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _rounding_error(w, scale, weight):
+    err = (fake_quantize(w, scale) - w).pow(2)
+    if weight is not None:
+        err = err * weight
+    return err.sum(dim=1, keepdim=True)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -71,14 +112,21 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 # Whole-matrix helpers (groups in the original column order).
 
-def fit_group_scales(W: torch.Tensor, groupsize: int, pruned: torch.Tensor = None) -> torch.Tensor:
-    """Min-max scales ``[rows, cols // groupsize]`` of every group; pruned weights excluded."""
+def fit_group_scales(W: torch.Tensor, groupsize: int, pruned: torch.Tensor = None,
+                     scale_fit: str = "minmax", column_weight: torch.Tensor = None) -> torch.Tensor:
+    """Scales ``[rows, cols // groupsize]`` of every group; pruned weights excluded.
+
+    ``column_weight`` ([cols]) weighs the rounding error of each input column in the mse fit.
+    """
     rows, cols = W.shape
     g = check_groupsize(groupsize, cols)
     W = W.float()
     if pruned is not None:
         W = W.masked_fill(pruned, 0.0)
-    return fit_scale(W.reshape(rows * (cols // g), g)).reshape(rows, cols // g)
+    weight = None
+    if column_weight is not None:
+        weight = column_weight.float().reshape(1, cols // g, g).expand(rows, -1, -1).reshape(-1, g)
+    return fit_scale(W.reshape(rows * (cols // g), g), scale_fit, weight).reshape(rows, cols // g)
 
 
 def expand_scales(scales: torch.Tensor, groupsize: int) -> torch.Tensor:

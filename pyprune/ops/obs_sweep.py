@@ -29,11 +29,15 @@ class QuantSpec:
     groups); ``group_of_column[j]`` is then the group of swept column ``j``. Without static scales,
     a group's scale is fitted when the sweep reaches its first column, from the weights as updated
     so far (pruned entries of that group already known to be zero are excluded).
+    ``scale_fit``: how such a scale is fitted (``int4_grid.SCALE_FITS``). With ``"mse"``, the
+    rounding error of column ``j`` is weighted by ``1 / U_jj^2``, the factor by which freezing that
+    column turns its error into reconstruction loss.
     """
 
     groupsize: int
     static_scales: Optional[torch.Tensor] = None
     group_of_column: Optional[torch.Tensor] = None
+    scale_fit: str = "minmax"
 
 
 @dataclass
@@ -83,6 +87,7 @@ def obs_sweep(
                 torch.zeros(rows, ngroups, device=W.device)
         loss = torch.zeros(rows, device=W.device, dtype=torch.float64)
         scale = None
+        fit_weight = torch.diag(U).pow(-2) if quant is not None and quant.scale_fit == "mse" else None
         spanning = quant is not None and quant.static_scales is None and quant.groupsize > blocksize
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)
@@ -94,7 +99,8 @@ def obs_sweep(
             # A group reaching past this block is fitted partly on columns not swept yet; a
             # fixed mask's pruned weights there must not widen its scale.
             Wfit = W.masked_fill(prune, 0.0) if pruned is not None and spanning else W
-            Q1, Err1, scale, block_loss = _sweep_block(W1, U1, prune1, nm, quant, scales, Wfit, i1, i2, scale)
+            Q1, Err1, scale, block_loss = _sweep_block(W1, U1, prune1, nm, quant, scales, Wfit, i1, i2, scale,
+                                                       fit_weight)
             loss += block_loss
             prune[:, i1:i2] = prune1
             W[:, i1:i2] = Q1
@@ -104,6 +110,7 @@ def obs_sweep(
 
 
 def _check_quant(quant, rows, cols, blocksize):
+    int4_grid.check_scale_fit(quant.scale_fit)
     g = quant.groupsize
     if g <= 0 or cols % g:
         raise ValueError(f"groupsize {g} must divide the width {cols}")
@@ -127,13 +134,13 @@ def _select_unstructured(W1, U1, prune1, sparsity):
         prune1.view(-1)[idx] = True
 
 
-def _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
+def _sweep_block(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale, fit_weight=None):
     """Freeze columns ``i1..i2`` one by one (W1, prune1 updated in place)."""
     ext = kernel_for(W1)
-    if ext is not None and _kernel_fits(W1, nm):
+    if ext is not None and _kernel_fits(W1, nm, quant):
         return _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
     with _single_thread_on_cpu(W1):
-        return _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale)
+        return _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale, fit_weight)
 
 
 class _single_thread_on_cpu:
@@ -153,7 +160,7 @@ class _single_thread_on_cpu:
             torch.set_num_threads(self.threads)
 
 
-def _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
+def _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale, fit_weight=None):
     rows, count = W1.shape
     Q1 = torch.zeros_like(W1)
     Err1 = torch.zeros_like(W1)
@@ -169,7 +176,7 @@ def _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
         w = W1[:, i]
         q = w.masked_fill(prune1[:, i], 0.0)
         if quant is not None:
-            scale = _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale)
+            scale = _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale, fit_weight)
             q = int4_grid.fake_quantize(q, scale.flatten()).masked_fill(prune1[:, i], 0.0)
         Q1[:, i] = q
         d = diag[i]
@@ -180,7 +187,7 @@ def _sweep_block_reference(W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
     return Q1, Err1, scale, loss
 
 
-def _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale):
+def _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale, fit_weight=None):
     g = quant.groupsize
     if quant.static_scales is not None:
         return scales[:, quant.group_of_column[j]].reshape(-1, 1)
@@ -190,7 +197,8 @@ def _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale):
         group = W1[:, i:i + g].masked_fill(prune1[:, i:i + g], 0.0)
     else:  # group reaches past the block: the block's updated part + the rest as it is now
         group = torch.cat([W1[:, i:].masked_fill(prune1[:, i:], 0.0), W[:, i2:j + g]], dim=1)
-    scale = int4_grid.fit_scale(group)
+    weight = None if fit_weight is None else fit_weight[j:j + g].reshape(1, -1)
+    scale = int4_grid.fit_scale(group, quant.scale_fit, weight)
     scales[:, j // g] = scale.flatten()
     return scale
 
@@ -201,8 +209,11 @@ _KERNEL_MAX_COLS = 128
 _KERNEL_GROUPS = (2, 4, 8, 16, 32)
 
 
-def _kernel_fits(W1, nm):
-    return W1.dtype == torch.float32 and W1.shape[1] <= _KERNEL_MAX_COLS and (nm is None or nm[1] in _KERNEL_GROUPS)
+def _kernel_fits(W1, nm, quant):
+    # The kernel fits scales in-kernel by min-max only; static scales are fitted before the sweep.
+    fit_ok = quant is None or quant.scale_fit == "minmax" or quant.static_scales is not None
+    return (W1.dtype == torch.float32 and W1.shape[1] <= _KERNEL_MAX_COLS and fit_ok
+            and (nm is None or nm[1] in _KERNEL_GROUPS))
 
 
 def _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):

@@ -14,7 +14,9 @@ stored layout (no ``g_idx`` indirection for kernels).
 ``pruned`` (bool, True = removed) makes it mask-preserving: pruned weights are set to exactly
 zero when their column is frozen (their current value is error compensated like any other), and
 scales are fitted on kept weights only, so all compensation ends up in kept weights and the mask
-comes back bit-identical. ``W`` may hold the pruned solver's output (zeros at pruned positions,
+comes back bit-identical. ``scale_fit`` chooses how group scales are fitted
+(``int4_grid.SCALE_FITS``; with act-order the static "mse" fit weighs each column by its Hessian
+diagonal). ``W`` may hold the pruned solver's output (zeros at pruned positions,
 e.g. ADMM) or the dense weights (then the pruning error is compensated in the same sweep).
 """
 from typing import Optional
@@ -35,6 +37,7 @@ def solve(
     groupsize: int = 128,
     act_order: bool = False,
     pruned: Optional[torch.Tensor] = None,
+    scale_fit: str = "minmax",
     damp: float = 0.01,
     blocksize: int = 128,
     **_,
@@ -45,6 +48,7 @@ def solve(
     if tuple(stats.H.shape) != (cols, cols):
         raise ValueError(f"Hessian must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, got {tuple(stats.H.shape)}")
     g = int4_grid.check_groupsize(groupsize, cols)
+    int4_grid.check_scale_fit(scale_fit)
     pruned = check_mask(pruned, W)
     with no_tf32():
         H = stats.H.float().to(W.device)
@@ -53,12 +57,12 @@ def solve(
         W32[:, dead] = 0.0
         if act_order:
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-            static = int4_grid.fit_group_scales(W32, g, pruned)
-            quant = QuantSpec(groupsize=g, static_scales=static, group_of_column=perm // g)
+            static = int4_grid.fit_group_scales(W32, g, pruned, scale_fit, column_weight=torch.diag(H))
+            quant = QuantSpec(groupsize=g, static_scales=static, group_of_column=perm // g, scale_fit=scale_fit)
             H = H[perm][:, perm]
         else:
             perm = None
-            quant = QuantSpec(groupsize=g)
+            quant = QuantSpec(groupsize=g, scale_fit=scale_fit)
         factor = inverse_hessian_factor(H, damp)
         sweep = obs_sweep(
             W32 if perm is None else W32[:, perm],
@@ -74,6 +78,7 @@ def solve(
     info = {
         "method": "gptq",
         "act_order": bool(act_order),
+        "scale_fit": scale_fit,
         "obs_loss": sweep.loss,
         "damp": factor.damp_fraction,
         "cholesky_attempts": factor.attempts,

@@ -38,7 +38,7 @@ def quantize_layer(
 ) -> QuantResult:
     """INT4-quantize ``W`` ([out, in]); keeps ``pruned`` (True = removed) at exactly zero.
 
-    ``options`` go to the quantizer (gptq: ``damp``, ``blocksize``). ``act_order`` is a GPTQ
+    ``options`` go to the quantizer (both: ``scale_fit``; gptq: ``damp``, ``blocksize``). ``act_order`` is a GPTQ
     option; RTN rejects it rather than silently ignoring it.
     """
     if method not in QUANTIZERS:
@@ -56,6 +56,7 @@ def prune_and_quantize(
     pattern: SparsityPattern,
     *,
     groupsize: int = 128,
+    scale_fit: str = "minmax",
     damp: float = 0.01,
     blocksize: int = 128,
 ) -> QuantResult:
@@ -63,10 +64,11 @@ def prune_and_quantize(
     kept weights quantized (group scales fitted on kept weights when the sweep reaches the group),
     and the combined error compensated into the columns not frozen yet."""
     g = int4_grid.check_groupsize(groupsize, W.shape[1])
+    int4_grid.check_scale_fit(scale_fit)
     # float32 in, so the solver's output stays exactly on the grid (fp16 would round scale * q).
-    result = sparsegpt.solve(W.float(), stats, pattern, damp=damp, blocksize=blocksize, quant=QuantSpec(groupsize=g))
+    result = sparsegpt.solve(W.float(), stats, pattern, damp=damp, blocksize=blocksize, quant=QuantSpec(groupsize=g, scale_fit=scale_fit))
     info = {key: value for key, value in result.info.items() if key != "scales"}
-    info.update(method="sparsegpt+gptq", pattern=str(pattern))
+    info.update(method="sparsegpt+gptq", pattern=str(pattern), scale_fit=scale_fit)
     return make_result(W, result.weight, result.info["scales"], result.pruned, g, stats.H.to(W.device), info)
 
 
@@ -78,14 +80,15 @@ def no_pruning(W: torch.Tensor, stats: Optional[LayerStats] = None, pattern: Spa
 no_pruning.statistics = None  # only the quantizer (if it is GPTQ) reads calibration statistics
 
 
-def sparsegpt_int4_solver(groupsize: int = 128):
+def sparsegpt_int4_solver(groupsize: int = 128, scale_fit: str = "minmax"):
     """A solver (``solve(W, stats, pattern, **options) -> SolverResult``) running the joint
     SparseGPT + INT4 sweep; its result carries the :class:`QuantResult` as
     ``info["quant_result"]`` for :class:`LayerQuantizer` to record without quantizing again.
     The weight is float32 (exactly on the grid)."""
 
     def solve(W, stats, pattern, *, damp=0.01, blocksize=128, **_):
-        q = prune_and_quantize(W, stats, pattern, groupsize=groupsize, damp=damp, blocksize=blocksize)
+        q = prune_and_quantize(W, stats, pattern, groupsize=groupsize, scale_fit=scale_fit, damp=damp,
+                               blocksize=blocksize)
         info = dict(q.info, quant_result=q)
         return SolverResult(q.weight, q.pruned, q.loss, info)
 
@@ -128,6 +131,7 @@ class LayerQuantizer:
             "groupsize": self.groupsize,
             "quant_method": q.info.get("method", self.method),
             "act_order": bool(q.info.get("act_order", False)),
+            "scale_fit": q.info.get("scale_fit", "minmax"),
             "quant_loss": q.loss,
             "quant_rel_error": q.info.get("rel_error", float("nan")),
             "bits_per_weight": cost.bits_per_weight,

@@ -1,6 +1,6 @@
 """Round-to-nearest INT4: the baseline every other quantizer must beat.
 
-Each group's scale is fitted (min-max) on its kept weights, every weight goes to its nearest grid
+Each group's scale is fitted (min-max, or the unweighted mse search) on its kept weights, every weight goes to its nearest grid
 point, pruned weights to code 0. Needs no calibration data; ``stats`` only serves the loss.
 """
 from typing import Optional
@@ -18,6 +18,7 @@ def solve(
     *,
     groupsize: int = 128,
     pruned: Optional[torch.Tensor] = None,
+    scale_fit: str = "minmax",
     **_,
 ) -> QuantResult:
     g = int4_grid.check_groupsize(groupsize, W.shape[1])
@@ -25,9 +26,9 @@ def solve(
     W32 = W.float()
     if pruned is not None:
         W32 = W32.masked_fill(pruned, 0.0)
-    scales = int4_grid.fit_group_scales(W32, g)
+    scales = int4_grid.fit_group_scales(W32, g, scale_fit=scale_fit)
     weight = int4_grid.dequantize_groups(int4_grid.quantize_groups(W32, scales, g), scales, g)
     if pruned is None:
         pruned = torch.zeros_like(weight, dtype=torch.bool)
     H = stats.H if stats is not None else None
-    return make_result(W, weight, scales, pruned, g, H, {"method": "rtn"})
+    return make_result(W, weight, scales, pruned, g, H, {"method": "rtn", "scale_fit": scale_fit})
