@@ -106,6 +106,8 @@ for _variant in SELF_VARIANTS:
         f"sparsegpt-50-{_variant}": ["--method", "sparsegpt", "--sparsity", "0.5", "--sink-weight", "1", SELF + _variant],
         f"sparsegpt-2of4-{_variant}": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "1",
                                        SELF + _variant],
+        f"sparsegpt-2of4-sink256-{_variant}": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "256",
+                                               SELF + _variant],
         f"admm-grad-70-{_variant}": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF + _variant],
     })
 
