@@ -8,10 +8,10 @@
 Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
 option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
 The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the dense model
-(seed 0, the CLI's sampling defaults, batches of 32, one 2048-token sample per window); "-selfeot" starts each row with <|endoftext|>
+(seed 0, temperature 1.0, top-p 0.95, batches of 32, one 2048-token sample per window); "-selfeot" starts each row with <|endoftext|>
 instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
 "-self512" / "-self256" fill each window with independent samples of 512 / 256 tokens
-("-self512-topp1": 512, sampled without the top-p cut). The first
+("-self512-topp1": 512, sampled without the top-p cut, as the CLI now does by default). The first
 run of a variant generates its tokens into DIR/self_calib_32x2048_seed0[_VARIANT].safetensors (not
 versioned; its header records the generation time), later runs reuse that file.
 Each run writes DIR/NAME.json: the pyprune report plus wall time, peak RSS (and peak GPU memory).
@@ -34,13 +34,16 @@ COMMON = ["--nsamples", "32", "--seqlen", "2048", "--seed", "0", "--calib", "c4"
 # Self-calibration variants: the generation flags of each. A configuration names one with SELF + variant.
 SELF = "<self-calibration>"
 SELF_VARIANTS = {
-    # "self" and "selfeot*" ran with one sample per window, the default before 512-token samples
-    "self": ["--calib-sample-len", "2048"],
-    "selfeot": ["--calib-sample-len", "2048", "--calib-prefix", "<|endoftext|>"],  # rows start as new documents
-    "selfeot-t08": ["--calib-sample-len", "2048", "--calib-prefix", "<|endoftext|>", "--calib-temperature", "0.8"],
-    "self512": ["--calib-sample-len", "512"],  # four independent 512-token samples per window
-    "self256": ["--calib-sample-len", "256"],
-    "self512-topp1": ["--calib-sample-len", "512", "--calib-top-p", "1.0"],  # the untruncated distribution
+    # "self" and "selfeot*" ran with one sample per window, the default before 512-token samples;
+    # all but "-topp1" ran with top-p 0.95, the default before 1.0.
+    "self": ["--calib-sample-len", "2048", "--calib-top-p", "0.95"],
+    "selfeot": ["--calib-sample-len", "2048", "--calib-top-p", "0.95",
+                "--calib-prefix", "<|endoftext|>"],  # rows start as new documents
+    "selfeot-t08": ["--calib-sample-len", "2048", "--calib-top-p", "0.95", "--calib-prefix", "<|endoftext|>",
+                    "--calib-temperature", "0.8"],
+    "self512": ["--calib-sample-len", "512", "--calib-top-p", "0.95"],  # four independent 512-token samples per window
+    "self256": ["--calib-sample-len", "256", "--calib-top-p", "0.95"],
+    "self512-topp1": ["--calib-sample-len", "512", "--calib-top-p", "1.0"],  # the untruncated distribution (default)
 }
 
 # The method x sparsity grid (ADMM issue): every name METHOD-POINT, e.g. admm-grad-70, admm1-2of4-nofinal.

@@ -45,7 +45,7 @@ def _add_calibration_args(p):
     g.add_argument("--batch-size", type=int, default=1, help="calibration windows per forward pass")
     g.add_argument("--save-calib", default=None, help="write the calibration tokens to this file")
     g.add_argument("--calib-temperature", type=float, default=None, help="self-calibration temperature (1.0)")
-    g.add_argument("--calib-top-p", type=float, default=None, help="self-calibration nucleus top-p (0.95)")
+    g.add_argument("--calib-top-p", type=float, default=None, help="self-calibration nucleus top-p (1.0: no cut)")
     g.add_argument("--calib-batch-size", type=int, default=None, help="self-calibration sequences per batch (8)")
     g.add_argument("--calib-prefix", default=None,
                    help="self-calibration: text every sample starts with, special tokens allowed, e.g. "
