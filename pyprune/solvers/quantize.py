@@ -38,8 +38,8 @@ def quantize_layer(
 ) -> QuantResult:
     """INT4-quantize ``W`` ([out, in]); keeps ``pruned`` (True = removed) at exactly zero.
 
-    ``options`` go to the quantizer (both: ``scale_fit``; gptq: ``damp``, ``blocksize``). ``act_order`` is a GPTQ
-    option; RTN rejects it rather than silently ignoring it.
+    ``options`` go to the quantizer (both: ``scale_fit``; gptq: ``damp``, ``blocksize``).
+    ``act_order`` is a GPTQ option; RTN rejects it rather than silently ignoring it.
     """
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
@@ -66,7 +66,8 @@ def prune_and_quantize(
     g = int4_grid.check_groupsize(groupsize, W.shape[1])
     int4_grid.check_scale_fit(scale_fit)
     # float32 in, so the solver's output stays exactly on the grid (fp16 would round scale * q).
-    result = sparsegpt.solve(W.float(), stats, pattern, damp=damp, blocksize=blocksize, quant=QuantSpec(groupsize=g, scale_fit=scale_fit))
+    result = sparsegpt.solve(W.float(), stats, pattern, damp=damp, blocksize=blocksize,
+                             quant=QuantSpec(groupsize=g, scale_fit=scale_fit))
     info = {key: value for key, value in result.info.items() if key != "scales"}
     info.update(method="sparsegpt+gptq", pattern=str(pattern), scale_fit=scale_fit)
     return make_result(W, result.weight, result.info["scales"], result.pruned, g, stats.H.to(W.device), info)
