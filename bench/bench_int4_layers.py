@@ -146,6 +146,11 @@ def gs_label(g):
     return "per-channel" if g == -1 else f"g{g}"
 
 
+def config_tag(g, fit):
+    """"g64", or "g64 mse" for the mse scale fit."""
+    return gs_label(g) if fit == "minmax" else f"{gs_label(g)} mse"
+
+
 def config_order():
     """Every config name in table order (a layer whose width every group size divides)."""
     return [name for name, _ in configs_for(torch.zeros(1, 1536), None)]
@@ -160,7 +165,7 @@ def configs_for(W, cal):
         if g != -1 and cols % g:
             continue
         for fit in SCALE_FITS:
-            tag = f"{gs_label(g)}{'' if fit == 'minmax' else ' mse'}"
+            tag = config_tag(g, fit)
             out.append((f"RTN {tag}", lambda g=g, fit=fit: quantize_layer(W, cal, method="rtn", groupsize=g,
                                                                           scale_fit=fit)))
             out.append((f"GPTQ {tag}", lambda g=g, fit=fit: quantize_layer(W, cal, method="gptq", groupsize=g,
@@ -173,7 +178,7 @@ def configs_for(W, cal):
         if g != -1 and cols % g:
             continue
         for fit in SCALE_FITS:
-            tag = f"{gs_label(g)}{'' if fit == 'minmax' else ' mse'}"
+            tag = config_tag(g, fit)
             out.append((f"SparseGPT 50% + INT4 joint {tag}",
                         lambda g=g, fit=fit: prune_and_quantize(W, cal, half, groupsize=g, scale_fit=fit)))
             out.append((f"SparseGPT 50% then mask-GPTQ {tag}",

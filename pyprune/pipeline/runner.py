@@ -220,8 +220,9 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     if post_solve is not None:
         W_new, extra = post_solve(full_name, W_new, result, stats)
     seconds = time.time() - t0
-    relative_error = _relative_error(W, W_new.to(W.dtype), stats)  # W is a view: measure before writing
-    set_weight_matrix(module, W_new.to(W.dtype))
+    W_new = W_new.to(W.dtype)
+    relative_error = _relative_error(W, W_new, stats)  # W is a view: measure before writing
+    set_weight_matrix(module, W_new)
     zeros = int((weight_matrix(module) == 0).sum())
     record = {
         "name": full_name,
