@@ -44,6 +44,11 @@ SELF_VARIANTS = {
     "self512": ["--calib-sample-len", "512", "--calib-top-p", "0.95"],  # four independent 512-token samples per window
     "self256": ["--calib-sample-len", "256", "--calib-top-p", "0.95"],
     "self512-topp1": ["--calib-sample-len", "512", "--calib-top-p", "1.0"],  # the untruncated distribution (default)
+    # Untruncated, hotter or with other sample lengths: does more diverse text calibrate better?
+    "self512-t11": ["--calib-sample-len", "512", "--calib-top-p", "1.0", "--calib-temperature", "1.1"],
+    "self512-t12": ["--calib-sample-len", "512", "--calib-top-p", "1.0", "--calib-temperature", "1.2"],
+    "self128-topp1": ["--calib-sample-len", "128", "--calib-top-p", "1.0"],
+    "self2048-topp1": ["--calib-sample-len", "2048", "--calib-top-p", "1.0"],
 }
 
 # The method x sparsity grid (ADMM issue): every name METHOD-POINT, e.g. admm-grad-70, admm1-2of4-nofinal.
@@ -118,6 +123,12 @@ for _variant in SELF_VARIANTS:
 for _name, _flags in list(CONFIGS.items()):
     if "--wbits" in _flags:
         CONFIGS[_name + "-mse"] = _flags + ["--scale-fit", "mse"]
+
+# "-act": GPTQ in act-order with static groups; with a pruning method this is prune first, then a
+# mask-preserving GPTQ (the joint one-sweep SparseGPT + INT4 has no act-order).
+for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"):
+    for _suffix in ("", "-mse"):
+        CONFIGS[_name + "-act" + _suffix] = CONFIGS[_name + _suffix] + ["--act-order"]
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).

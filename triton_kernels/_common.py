@@ -109,9 +109,10 @@ def _decode_config(N, K, bk, bn, variant, device, num_stages=3) -> KernelConfig:
     return KernelConfig(16, bn, bk, split_k=split, num_warps=4, num_stages=num_stages, variant=variant)
 
 
-def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3) -> KernelConfig:
-    # Many small programs keep enough loads in flight to stream the weight at full bandwidth.
-    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device, waves=8)
+def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3, waves=8) -> KernelConfig:
+    # Many small programs keep enough loads in flight to stream the weight at full bandwidth; with
+    # few waves (no split when the rows alone fill the GPU) the split-K reduction launch is saved.
+    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device, waves=waves)
     return KernelConfig(next_pow2(M), bn, bk, split_k=split, num_warps=num_warps, num_stages=num_stages,
                         variant="gemv")
 
@@ -153,11 +154,13 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
             # Measured on an H100: narrow row tiles with long K runs stream best.
             for bn in (4, 8, 16):
                 for bk in (512, 1024, 2048):
-                    cands.append(_gemv_config(M, N, K, bk, bn, device))
+                    for waves in (8, 1):
+                        cands.append(_gemv_config(M, N, K, bk, bn, device, waves=waves))
     else:
         for bm, bn, bk, warps, stages in (
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
             (128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
+            (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
         ):
             if bm > 2 * next_pow2(M):
                 continue
@@ -380,6 +383,20 @@ def store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
         tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + rows, acc, mask=mask)
+
+
+def expand_blocks() -> tuple:
+    """(BLOCK_N, BLOCK_K) of the kernels that expand a packed weight to dense (large tiles on a GPU)."""
+    return (32, 64) if interpreting() else (64, 128)
+
+
+@triton.jit
+def store_weight_rows(out_ptr, w_t, offs_k, offs_n, K, N):
+    """Store a ``[BLOCK_K, BLOCK_N]`` tile of W^T as rows of the dense ``W [N, K]``, transposed in
+    registers first so that each row's run along K is written contiguously."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    tl.store(ptrs, tl.trans(w_t).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
-    store_dtype, store_result, tile_ids,
+    store_dtype, store_result, store_weight_rows, tile_ids, expand_blocks,
 )
 
 
@@ -121,8 +121,7 @@ def _int4_dequant_kernel(
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     q = int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N)
     s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
-    w = q.to(tl.float32) * s.to(tl.float32)
-    tl.store(out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
+    store_weight_rows(out_ptr, q.to(tl.float32) * s.to(tl.float32), offs_k, offs_n, K, N)
 
 
 def _check_packed(qweight, scales, groupsize):
@@ -144,7 +143,7 @@ def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
     """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
     n, k = _check_packed(qweight, scales, groupsize)
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=qweight.device)
-    bn, bk = 32, 64
+    bn, bk = expand_blocks()
     _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qweight, scales, out, n, k, qweight.stride(0), scales.stride(0), groupsize, BLOCK_N=bn, BLOCK_K=bk,
     )

@@ -17,7 +17,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
-    store_dtype, store_result, tile_ids,
+    store_dtype, store_result, store_weight_rows, tile_ids, expand_blocks,
 )
 from .sparse24_matmul import add_kept_pair_rows, group_positions, kept_slots, positions_by_row
 
@@ -131,8 +131,7 @@ def _sparse24_int4_dequant_kernel(
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, offs_n, N)
     s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
-    w = q.to(tl.float32) * s.to(tl.float32)
-    tl.store(out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
+    store_weight_rows(out_ptr, q.to(tl.float32) * s.to(tl.float32), offs_k, offs_n, K, N)
 
 
 def _check_packed(qvalues, meta, scales, groupsize):
@@ -156,7 +155,7 @@ def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.
     """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
     n, k = _check_packed(qvalues, meta, scales, groupsize)
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=qvalues.device)
-    bn, bk = 32, 64
+    bn, bk = expand_blocks()
     _sparse24_int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qvalues, meta, scales, out, n, k, qvalues.stride(0), meta.stride(0), scales.stride(0), groupsize,
         BLOCK_N=bn, BLOCK_K=bk,

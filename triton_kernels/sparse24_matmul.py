@@ -18,7 +18,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    tile_ids,
+    store_weight_rows, tile_ids, expand_blocks,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
@@ -158,8 +158,7 @@ def _sparse24_dense_kernel(val_ptr, meta_ptr, out_ptr, N, K, stride_vn, stride_m
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     w = sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
+    store_weight_rows(out_ptr, w, offs_k, offs_n, K, N)
 
 
 def _check_packed(values, meta):
@@ -176,7 +175,7 @@ def sparse24_to_dense(values, meta, dtype=None):
     n, k = _check_packed(values, meta)
     dtype = dtype or values.dtype
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=values.device)
-    bn, bk = 32, 64
+    bn, bk = expand_blocks()
     _sparse24_dense_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         values, meta, out, n, k, values.stride(0), meta.stride(0), BLOCK_N=bn, BLOCK_K=bk,
     )
