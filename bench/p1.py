@@ -11,7 +11,9 @@ The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the
 (seed 0, temperature 1.0, top-p 0.95, batches of 32, one 2048-token sample per window); "-selfeot" starts each row with <|endoftext|>
 instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
 "-self512" / "-self256" fill each window with independent samples of 512 / 256 tokens
-("-self512-topp1": 512, sampled without the top-p cut, as the CLI now does by default). The first
+("-self512-topp1": 512, sampled without the top-p cut; "-self128-topp1" / "-self2048-topp1": the
+same with 128 / 2048 tokens, 128 being the CLI's default; "-self512-t11" / "-t12": 512 without the
+cut at temperature 1.1 / 1.2). "-act" INT4 configurations run GPTQ in act-order. The first
 run of a variant generates its tokens into DIR/self_calib_32x2048_seed0[_VARIANT].safetensors (not
 versioned; its header records the generation time), later runs reuse that file.
 Each run writes DIR/NAME.json: the pyprune report plus wall time, peak RSS (and peak GPU memory).
@@ -43,11 +45,11 @@ SELF_VARIANTS = {
                     "--calib-temperature", "0.8"],
     "self512": ["--calib-sample-len", "512", "--calib-top-p", "0.95"],  # four independent 512-token samples per window
     "self256": ["--calib-sample-len", "256", "--calib-top-p", "0.95"],
-    "self512-topp1": ["--calib-sample-len", "512", "--calib-top-p", "1.0"],  # the untruncated distribution (default)
+    "self512-topp1": ["--calib-sample-len", "512", "--calib-top-p", "1.0"],  # the untruncated distribution
     # Untruncated, hotter or with other sample lengths: does more diverse text calibrate better?
     "self512-t11": ["--calib-sample-len", "512", "--calib-top-p", "1.0", "--calib-temperature", "1.1"],
     "self512-t12": ["--calib-sample-len", "512", "--calib-top-p", "1.0", "--calib-temperature", "1.2"],
-    "self128-topp1": ["--calib-sample-len", "128", "--calib-top-p", "1.0"],
+    "self128-topp1": ["--calib-sample-len", "128", "--calib-top-p", "1.0"],  # the CLI's default
     "self2048-topp1": ["--calib-sample-len", "2048", "--calib-top-p", "1.0"],
 }
 
@@ -129,6 +131,11 @@ for _name, _flags in list(CONFIGS.items()):
 for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"):
     for _suffix in ("", "-mse"):
         CONFIGS[_name + "-act" + _suffix] = CONFIGS[_name + _suffix] + ["--act-order"]
+
+# The GPTQ configurations above without "-act" ran in plain column order, the default before act-order.
+for _flags in CONFIGS.values():
+    if "--wbits" in _flags and "--quant-method" not in _flags and "--act-order" not in _flags:
+        _flags.append("--no-act-order")
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).

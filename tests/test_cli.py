@@ -89,8 +89,9 @@ def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp
     model_dir, data = tiny_saved_model
     out = tmp_path / "q"
     assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4",
-                           "--groupsize", "32", "--scale-fit", scale_fit, "--save", str(out))) == 0
+                           "--groupsize", "32", "--scale-fit", scale_fit, "--no-act-order", "--save", str(out))) == 0
     report = json.loads((out / "pyprune_report.json").read_text())
+    assert report["quantization"]["act_order"] is False
     assert report["quantization"]["bits_per_weight"] < 4
     assert report["quantization"]["scale_fit"] == scale_fit
     assert all(r["scale_fit"] == scale_fit for r in report["linears"])
@@ -108,7 +109,9 @@ def test_quantization_only_and_compressed_checkpoint(tiny_saved_model, tmp_path,
     assert main(prune_args(model_dir, data, "--method", "none", "--wbits", "4", "--groupsize", "32",
                            "--save", str(out))) == 0
     # quantization alone removes nothing, yet the final weights do lose part of each output
-    linears = json.loads((out / "pyprune_report.json").read_text())["linears"]
+    report = json.loads((out / "pyprune_report.json").read_text())
+    assert report["quantization"]["act_order"] is True  # GPTQ's default
+    linears = report["linears"]
     assert all(r["loss"] == 0 and 0 < r["relative_error"] < 0.1 for r in linears)
     assert main(["compress", str(out), "--format", "int4", "--out", str(packed)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -21,11 +21,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ._common import KernelConfig, _splitk_reduce_kernel  # noqa: E402
-from .int4_matmul import _int4_dequant_kernel, _int4_split_kernel, _int4_tile_kernel  # noqa: E402
-from .sparse24_int4_matmul import (  # noqa: E402
-    _sparse24_int4_dequant_kernel, _sparse24_int4_split_kernel, _sparse24_int4_tile_kernel,
-)
-from .sparse24_matmul import _sparse24_dense_kernel, _sparse24_split_kernel, _sparse24_tile_kernel  # noqa: E402
+from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel  # noqa: E402
+from .sparse24_int4_matmul import _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel  # noqa: E402
+from .sparse24_matmul import _KERNELS as SPARSE24_KERNELS, _sparse24_dense_kernel  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
@@ -95,7 +93,7 @@ def representative_configs(full: bool, split_block_k: int):
     limits = KernelLimits(128, split_block_k)
     cpu = torch.device("cpu")
     cfgs = candidate_configs(1, 4096, 4096, limits, cpu, False) + candidate_configs(2048, 4096, 4096, limits, cpu, False)
-    return [c for c in dict.fromkeys(cfgs) if c.variant != "dense"]
+    return [c for c in dict.fromkeys(cfgs) if c.variant in ("tile", "split")]  # gemv has its own signature
 
 
 def main(argv=None):
@@ -104,16 +102,12 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="every tuning candidate, not just the defaults")
     args = ap.parse_args(argv)
     failures = 0
-    kernels = [
-        ("2:4", _sparse24_tile_kernel, _sparse24_split_kernel, 64),
-        ("int4", _int4_tile_kernel, _int4_split_kernel, 128),
-        ("2:4-int4", _sparse24_int4_tile_kernel, _sparse24_int4_split_kernel, 64),
-    ]
+    kernels = [("2:4", SPARSE24_KERNELS, 64), ("int4", INT4_KERNELS, 128), ("2:4-int4", SPARSE24_INT4_KERNELS, 64)]
     for arch in args.arch:
-        for name, tile_kernel, split_kernel, split_block_k in kernels:
+        for name, by_variant, split_block_k in kernels:
             for act in ("fp16", "bf16"):
                 for cfg in representative_configs(args.all, split_block_k):
-                    kernel = split_kernel if cfg.variant == "split" else tile_kernel
+                    kernel = by_variant[cfg.variant]
                     tag = f"sm_{arch} {name:8s} {act} {cfg}"
                     try:
                         c = compile_matmul(kernel, cfg, act, arch)
@@ -131,14 +125,14 @@ def main(argv=None):
              {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": 1024}),
             (_int4_dequant_kernel, {"qw_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "K": "i32",
                                     "stride_qn": "i32", "stride_sg": "i32", "GROUPSIZE": "i32",
-                                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_N": 32, "BLOCK_K": 64}),
+                                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_N": 64, "BLOCK_K": 128}),
             (_sparse24_dense_kernel, {"val_ptr": "*bf16", "meta_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
                                       "stride_vn": "i32", "stride_mg": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-             {"BLOCK_N": 32, "BLOCK_K": 64}),
+             {"BLOCK_N": 64, "BLOCK_K": 128}),
             (_sparse24_int4_dequant_kernel, {"qv_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16",
                                              "N": "i32", "K": "i32", "stride_qn": "i32", "stride_mg": "i32",
                                              "stride_sg": "i32", "GROUPSIZE": "i32", "BLOCK_N": "constexpr",
-                                             "BLOCK_K": "constexpr"}, {"BLOCK_N": 32, "BLOCK_K": 64}),
+                                             "BLOCK_K": "constexpr"}, {"BLOCK_N": 64, "BLOCK_K": 128}),
         ]
         for kernel, sig, consts in others:
             try:
