@@ -119,6 +119,8 @@ for _variant in SELF_VARIANTS:
         f"sparsegpt-2of4-sink256-{_variant}": ["--method", "sparsegpt", "--pattern", "2:4", "--sink-weight", "256",
                                                SELF + _variant],
         f"admm-grad-70-{_variant}": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "1", SELF + _variant],
+        f"admm-grad-70-hessian-{_variant}": ["--method", "admm", "--sparsity", "0.7", "--schedule", "hessian",
+                                             "--sink-weight", "1", SELF + _variant],
     })
 
 # "-mse": the same INT4 configuration with scales fitted by the mse search instead of min-max.
