@@ -8,8 +8,8 @@
 Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
 option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
 The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the dense model
-(seed 0, temperature 1.0, top-p 0.95, batches of 32, one 2048-token sample per window); "-selfeot" starts each row with <|endoftext|>
-instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
+(seed 0, temperature 1.0, top-p 0.95, batches of 32, one 2048-token sample per window);
+"-selfeot" starts each row with <|endoftext|> instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
 "-self512" / "-self256" fill each window with independent samples of 512 / 256 tokens
 ("-self512-topp1": 512, sampled without the top-p cut; "-self128-topp1" / "-self2048-topp1": the
 same with 128 / 2048 tokens, 128 being the CLI's default; "-self512-t11" / "-t12": 512 without the
@@ -71,7 +71,8 @@ for _method, _mflags in GRID_METHODS.items():
         for _suffix, _sflags in (ADMM_SUFFIXES.items() if _method.startswith("admm") else [("", [])]):
             CONFIGS[f"{_method}-{_point}{_suffix}"] = _mflags + _pflags + _sflags
 for _point in ("60", "70", "80"):  # the published re-selection (every step at the final sparsity) vs the schedule
-    CONFIGS[f"admm-grad-{_point}-schedule"] = GRID_METHODS["admm-grad"] + POINTS[_point] + ["--admm-reselect", "schedule"]
+    CONFIGS[f"admm-grad-{_point}-schedule"] = (GRID_METHODS["admm-grad"] + POINTS[_point]
+                                               + ["--admm-reselect", "schedule"])
 
 CONFIGS.update({
     "sparsegpt-70-owl": ["--method", "sparsegpt", "--sparsity", "0.7", "--schedule", "owl", "--sink-weight", "1"],

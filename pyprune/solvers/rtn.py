@@ -1,7 +1,8 @@
 """Round-to-nearest INT4: the baseline every other quantizer must beat.
 
-Each group's scale is fitted (min-max, or the unweighted mse search) on its kept weights, every weight goes to its nearest grid
-point, pruned weights to code 0. Needs no calibration data; ``stats`` only serves the loss.
+Each group's scale is fitted (min-max, or the unweighted mse search) on its kept weights, every
+weight goes to its nearest grid point, pruned weights to code 0. Needs no calibration data;
+``stats`` only serves the loss.
 """
 from typing import Optional
 
