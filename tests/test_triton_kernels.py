@@ -1,6 +1,7 @@
 """Triton matmul kernels vs the exact dense reference (TRITON_INTERPRET=1 on CPU, set by
 conftest): every format, decode and prefill paths, every variant, fp16 and bf16 activations."""
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -60,14 +61,16 @@ VARIANTS = [
     KernelConfig(16, 16, 64, split_k=3, variant="tile"),  # decode with uneven split-K
     KernelConfig(32, 16, 32, group_m=2, variant="tile"),  # prefill, grouped tile order
     KernelConfig(8, 16, 64, split_k=3, variant="gemv"),  # decode on the CUDA cores, uneven split-K
+    KernelConfig(16, 32, 64, split_k=3, variant="rows"),  # decode, words unpacked row-wise, uneven split-K
+    KernelConfig(32, 16, 128, group_m=2, variant="rows"),  # prefill, a tile past K's end (2:4: K = 384)
 ]
 
 
-@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill", "gemv"])
+@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill", "gemv", "rows", "rows-prefill"])
 @pytest.mark.parametrize("fmt,groupsize", [("2:4", None), ("int4", -1), ("2:4-int4", 64)])
 def test_variants_match_reference(fmt, groupsize, config):
-    if config.variant == "split" and fmt == "2:4-int4":
-        config = KernelConfig(16, 32, 64, split_k=2, variant="split")  # G = 64 bounds BLOCK_K
+    if fmt == "2:4-int4" and config.block_k > 64:
+        config = replace(config, block_k=64)  # G = 64 bounds BLOCK_K
     m = {16: 7, 8: 5}.get(config.block_m, 50)
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
@@ -109,6 +112,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="split variant needs block_k >= 128"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(16, 16, 32, variant="split"))
+    with pytest.raises(ValueError, match="rows variant needs block_k >= 64"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(16, 16, 32, variant="rows"))
     with pytest.raises(ValueError, match="gemv variant needs block_k a power of two >= 32"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(2, 16, 48, variant="gemv"))

@@ -19,6 +19,10 @@ weight tile in registers and accumulating in fp32. Two paths:
   served from L1) and fed to one ``tl.dot`` against a contiguous x tile; 2-D tiles in grouped
   order for L2 reuse. Variant ``"dense"``: decode the weight with a Triton kernel and call
   ``torch.matmul`` (cuBLAS), a candidate for very large M.
+* both paths: variant ``"rows"``: the packed ``[BLOCK_N, BLOCK_K / fields]`` tile is loaded as
+  contiguous runs along K (vector loads, each word read once), its fields are unpacked in
+  registers into the dense ``[BLOCK_N, BLOCK_K]`` tile (a broadcast shift, then a reshape), and
+  one ``tl.dot`` takes it transposed; with ``BLOCK_M = 16`` and split-K it is a decode kernel.
 
 On a GPU the first call for a shape times a few candidate configurations (in a CUDA graph, see
 ``graph_time_ms``) and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the
@@ -37,7 +41,8 @@ import triton.language as tl
 DECODE_MAX_M = 16
 GEMV_MAX_M = 4
 GEMV_MIN_BLOCK_K = 32  # smallest BLOCK_K of the "gemv" variant (for every format; not bounded by G)
-VARIANTS = ("tile", "split", "gemv", "dense")
+ROWS_MIN_BLOCK_K = 64  # the "rows" variant unpacks whole 2:4 metadata words (32 columns) per row
+VARIANTS = ("tile", "split", "gemv", "rows", "dense")
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -150,6 +155,9 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 variant = "split" if bk >= limits.split_block_k else "tile"
                 cands.append(_decode_config(N, K, bk, bn, variant, device))
         cands.append(_decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device))
+        for bn, bk in ((32, 128), (64, 128), (128, 128), (16, 256), (32, 256), (64, 256)):
+            if ROWS_MIN_BLOCK_K <= bk <= limits.block_k_max:
+                cands.append(_decode_config(N, K, bk, bn, "rows", device))
         if M <= GEMV_MAX_M:
             # Measured on an H100: narrow row tiles with long K runs stream best.
             for bn in (4, 8, 16):
@@ -164,7 +172,10 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
         ):
             if bm > 2 * next_pow2(M):
                 continue
-            cands.append(KernelConfig(bm, bn, min(bk, limits.block_k_max), num_warps=warps, num_stages=stages))
+            bk = min(bk, limits.block_k_max)
+            cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages))
+            if bk >= ROWS_MIN_BLOCK_K:
+                cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant="rows"))
         if allow_dense:
             cands.append(replace(first, variant="dense"))
     seen, unique = set(), []
@@ -258,6 +269,8 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
         return
     if cfg.block_k > limits.block_k_max or limits.block_k_max % cfg.block_k:
         raise ValueError(f"block_k={cfg.block_k} must be a power of two dividing {limits.block_k_max}")
+    if cfg.variant == "rows" and cfg.block_k < ROWS_MIN_BLOCK_K:
+        raise ValueError(f"the rows variant needs block_k >= {ROWS_MIN_BLOCK_K} (got block_k={cfg.block_k})")
     if cfg.variant == "split" and (cfg.block_k < limits.split_block_k or M > cfg.block_m):
         raise ValueError(
             f"the split variant needs block_k >= {limits.split_block_k} and M <= block_m "
@@ -369,6 +382,34 @@ def dot_tile(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def dot_rows(a, w_rows, UPCAST: tl.constexpr):
+    """fp32-accumulated ``a @ w_rows^T`` for a weight tile ``[BLOCK_N, BLOCK_K]`` held row-wise (cast
+    to a's dtype before the transpose, so the layout change moves 16-bit values)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), tl.trans(w_rows.to(tl.float32)))
+    return tl.dot(a, tl.trans(w_rows.to(a.dtype)))
+
+
+@triton.jit
+def unpack_fields(words, BITS: tl.constexpr, FIELDS: tl.constexpr, FIRST: tl.constexpr = 0, STEP: tl.constexpr = 1):
+    """Fields ``FIRST, FIRST + STEP, ...`` (``FIELDS`` of them, ``BITS`` wide) of each int32 word
+    of ``words [R, W]``, in order along the row: int32 ``[R, W * FIELDS]``."""
+    shifts = BITS * (FIRST + STEP * tl.arange(0, FIELDS))
+    fields = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(fields, (words.shape[0], words.shape[1] * FIELDS))
+
+
+@triton.jit
+def spread_pairs(v0, v1, i0, i1):
+    """Dense rows ``[R, 4 * G]`` from the kept pair ``(v0, v1)`` at positions ``(i0, i1)`` of each
+    group of 4 (all ``[R, G]``); the other two positions are 0."""
+    pos = tl.arange(0, 4)[None, None, :]
+    zero = tl.zeros_like(v0)[:, :, None]
+    dense = tl.where(i0[:, :, None] == pos, v0[:, :, None], tl.where(i1[:, :, None] == pos, v1[:, :, None], zero))
+    return tl.reshape(dense, (v0.shape[0], v0.shape[1] * 4))
 
 
 @triton.jit

@@ -17,6 +17,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("aot_check: unset TRITON_INTERPRET (kernels must be JIT functions, not interpreted)")
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -57,6 +58,8 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
     }
+    if "VALUE_DTYPE" in kernel.arg_names:
+        consts["VALUE_DTYPE"] = {"fp16": tl.float16, "bf16": tl.bfloat16}[value or act]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -89,11 +92,13 @@ def representative_configs(full: bool, split_block_k: int):
     if not full:
         return [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="split"),
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="tile"),
+                KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows"),
+                KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="rows"),
                 KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3)]
     limits = KernelLimits(128, split_block_k)
     cpu = torch.device("cpu")
     cfgs = candidate_configs(1, 4096, 4096, limits, cpu, False) + candidate_configs(2048, 4096, 4096, limits, cpu, False)
-    return [c for c in dict.fromkeys(cfgs) if c.variant in ("tile", "split")]  # gemv has its own signature
+    return [c for c in dict.fromkeys(cfgs) if c.variant in ("tile", "split", "rows")]  # gemv has its own signature
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ scale to the fp32 partial product: the dequantization is exact, whatever the act
 
 Variants (see ``_common``): ``tile`` rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split``
 (decode, needs G >= 128) loads the ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field
-i against x's columns ``8j + i``; ``gemv`` (M <= 4) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
+i against x's columns ``8j + i``; ``rows`` loads ``[BLOCK_N, BLOCK_K/8]`` words (contiguous along K),
+unpacks them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers and does one dot; ``gemv`` (M <= 4) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
 row's run along K is contiguous) and, field by field, multiplies them with x's columns ``8j + i``
 on the CUDA cores, each word weighted by its group's scale.
 """
@@ -18,7 +19,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
-    store_dtype, store_result, store_weight_rows, tile_ids, expand_blocks,
+    store_dtype, store_result, store_weight_rows, tile_ids, expand_blocks, dot_rows, unpack_fields,
 )
 
 
@@ -81,6 +82,30 @@ def _int4_split_kernel(
 
 
 @triton.jit
+def _int4_rows_kernel(
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
+        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 8) + offs_w)[None, :],
+                        mask=(offs_n < N)[:, None], other=0)
+        q = unpack_fields(words, 4, 8) - 8
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        acc += dot_rows(a, q, UPCAST) * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_qn, stride_sg, GROUPSIZE,
@@ -108,7 +133,7 @@ def _int4_gemv_kernel(
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-_KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel}
+_KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel, "rows": _int4_rows_kernel}
 
 
 @triton.jit

@@ -48,6 +48,8 @@ def main() -> int:
                KernelConfig(16, 32, 64, split_k=3, variant="tile"),
                KernelConfig(4, 32, 128, split_k=3, variant="gemv"),
                KernelConfig(8, 16, 64, split_k=2, num_warps=8, variant="gemv"),
+               KernelConfig(16, 64, 128, split_k=3, variant="rows"),
+               KernelConfig(64, 128, 64, num_warps=4, num_stages=3, variant="rows"),
                KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
                KernelConfig(128, 128, 64, num_warps=8, num_stages=3)]
     tuned_shape, tuned_m = (1000, 1024, 128), (1, 16, 300)

@@ -7,6 +7,8 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 
 Variants (see ``_common``): ``tile`` rebuilds the dense code tile; ``split`` (decode, needs
 G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p;
+``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata words (contiguous along K),
+spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot;
 ``gemv`` (M <= 4) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per
 row), scales them, fetches x at the two kept columns and reduces on the CUDA cores.
 """
@@ -17,9 +19,9 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
-    store_dtype, store_result, store_weight_rows, tile_ids, expand_blocks,
+    store_dtype, store_result, store_weight_rows, tile_ids, expand_blocks, dot_rows, spread_pairs, unpack_fields,
 )
-from .sparse24_matmul import add_kept_pair_rows, group_positions, kept_slots, positions_by_row
+from .sparse24_matmul import add_kept_pair_rows, group_positions, kept_slots, positions_by_row, positions_rows
 
 
 @triton.jit
@@ -92,6 +94,34 @@ def _sparse24_int4_split_kernel(
 
 
 @triton.jit
+def _sparse24_int4_rows_kernel(
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_K // 16)
+    row_mask = (offs_n < N)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
+    for t in range(start, end):
+        a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
+        words = tl.load(qv_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 16) + offs_w)[None, :],
+                        mask=row_mask, other=0)
+        q0 = unpack_fields(words, 4, 4, FIRST=0, STEP=2) - 8  # [BLOCK_N, BLOCK_K / 4]: group g's first code
+        q1 = unpack_fields(words, 4, 4, FIRST=1, STEP=2) - 8
+        i0, i1 = positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+        q = spread_pairs(q0, q1, i0, i1)
+        s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        acc += dot_rows(a, q, UPCAST) * s.to(tl.float32)[None, :]
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _sparse24_int4_gemv_kernel(
     x_ptr, qb_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_bn, stride_mg, stride_sg, GROUPSIZE,
@@ -118,7 +148,8 @@ def _sparse24_int4_gemv_kernel(
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-_KERNELS = {"tile": _sparse24_int4_tile_kernel, "split": _sparse24_int4_split_kernel}
+_KERNELS = {"tile": _sparse24_int4_tile_kernel, "split": _sparse24_int4_split_kernel,
+            "rows": _sparse24_int4_rows_kernel}
 
 
 @triton.jit

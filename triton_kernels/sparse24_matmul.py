@@ -7,7 +7,9 @@ used as stored (exact products), accumulation in fp32.
 
 Variants (see ``_common``): ``tile`` rebuilds the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T;
 ``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per
-position p against x's columns ``4g + p``; ``gemv`` (M <= 4) reads the kept pair of each group as
+position p against x's columns ``4g + p``; ``rows`` reads the kept pairs as 32-bit words and the
+metadata words (``[BLOCK_N, BLOCK_K/4]`` and ``[BLOCK_N, BLOCK_K/32]``, contiguous along K),
+spreads them into the dense ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot; ``gemv`` (M <= 4) reads the kept pair of each group as
 one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), fetches x at the two kept
 columns and reduces on the CUDA cores.
 """
@@ -18,7 +20,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    store_weight_rows, tile_ids, expand_blocks,
+    store_weight_rows, tile_ids, expand_blocks, dot_rows, spread_pairs, unpack_fields,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
@@ -111,6 +113,18 @@ def positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask):
 
 
 @triton.jit
+def positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
+    """Kept positions ``(i0, i1)``, int32 ``[BLOCK_N, BLOCK_K/4]``, of the groups of K tile ``t``:
+    the tile's ``BLOCK_K/32`` metadata words per row, each loaded once and unpacked in registers
+    (``BLOCK_K`` is a multiple of 64, so a tile never ends inside a word; words past K read 0)."""
+    word = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    mask = (offs_n < N)[:, None] & (word < K // 32)[None, :]
+    words = tl.load(meta_ptr + word[None, :] * stride_mg + offs_n[:, None], mask=mask, other=0)
+    field = unpack_fields(words, 4, 8)
+    return field & 3, field >> 2
+
+
+@triton.jit
 def add_kept_pair_rows(acc, w0, w1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M: tl.constexpr):
     """For each row m < M of x: ``acc[m, :] += sum_g w0 * x[m, 4g + i0] + w1 * x[m, 4g + i1]``,
     the kept values (fp32 ``[BLOCK_N, len(grp)]``) against x at their two kept columns."""
@@ -148,7 +162,35 @@ def _sparse24_gemv_kernel(
     store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-_KERNELS = {"tile": _sparse24_tile_kernel, "split": _sparse24_split_kernel}
+@triton.jit
+def _sparse24_rows_kernel(
+    x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_pn, stride_mg,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    VALUE_DTYPE: tl.constexpr,
+):
+    """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half)."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_K // 4)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
+    for t in range(start, end):
+        a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
+        grp = t * (BLOCK_K // 4) + offs_g
+        mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
+        pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
+        v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        i0, i1 = positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+        acc += dot_rows(a, spread_pairs(v0, v1, i0, i1), UPCAST)
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+
+
+_KERNELS = {"tile": _sparse24_tile_kernel, "split": _sparse24_split_kernel, "rows": _sparse24_rows_kernel}
 _VALUE_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -206,6 +248,15 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 HAS_BIAS=bias is not None, VALUE_DTYPE=_VALUE_DTYPES[values.dtype],
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            return finish_split_k(ws, y, bias, cfg, x2.dtype)
+        if cfg.variant == "rows":
+            _sparse24_rows_kernel[grid](
+                x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws,
+                m, n, k, x2.stride(0), values.stride(0) // 2, meta.stride(0),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
+                VALUE_DTYPE=_VALUE_DTYPES[values.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
