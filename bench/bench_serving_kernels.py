@@ -330,7 +330,7 @@ def markdown(result) -> str:
     gpu = result["gpu_half"]
     if isinstance(gpu, str):
         out += [f"**GPU half skipped**: {gpu}", ""]
-    else:
+    elif gpu["kernels"]:
         out += ["## Kernels vs cuBLAS fp16 (median ms; speedup = fp16 time / kernel time)", "",
                 "W is N x K (out x in); fp16 activations; INT4 group size 128. Graph timing: GPU time per call "
                 "in a replayed CUDA graph, weights streamed from HBM (copies exceed the L2 cache); the speedups "
@@ -352,20 +352,20 @@ def markdown(result) -> str:
                 out.append(f"- {f}: M <= 16 min {min(small):.2f}x / mean {statistics.mean(small):.2f}x"
                            + (f"; M = 2048 min {min(large):.2f}x" if large else "")
                            + f"; max relative error {max(r[f + '_rel_err'] for r in gpu['kernels']):.1e}")
-        if "decode" in gpu:
-            out += ["", "## End-to-end greedy decode", "", gpu["decode_model"], "",
-                    "| model | decoder weights | generate tok/s (x) | CUDA-graph step tok/s (x) |", "|---|---|---|---|"]
-            for r in gpu["decode"]:
-                if "cuda_graph_tok_s" in r:
-                    graph = f"{r['cuda_graph_tok_s']:.1f}" + (
-                        f" ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_speedup" in r else "")
-                else:
-                    graph = r.get("cuda_graph_error", "-")
-                eager = (f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x)" if "generate_tok_s" in r
-                         else "not measured")
-                out.append(f"| {r['model']} | {_fmt_bytes(r['layer_weight_bytes'])} ({r['weight_ratio_vs_dense']:.3f}) | "
-                           f"{eager} | {graph} |")
-            out.append("")
+    if not isinstance(gpu, str) and "decode" in gpu:
+        out += ["", "## End-to-end greedy decode", "", gpu["decode_model"], "",
+                "| model | decoder weights | generate tok/s (x) | CUDA-graph step tok/s (x) |", "|---|---|---|---|"]
+        for r in gpu["decode"]:
+            if "cuda_graph_tok_s" in r:
+                graph = f"{r['cuda_graph_tok_s']:.1f}" + (
+                    f" ({r['cuda_graph_speedup']:.2f}x)" if "cuda_graph_speedup" in r else "")
+            else:
+                graph = r.get("cuda_graph_error", "-")
+            eager = (f"{r['generate_tok_s']:.1f} ({r['generate_speedup']:.2f}x)" if "generate_tok_s" in r
+                     else "not measured")
+            out.append(f"| {r['model']} | {_fmt_bytes(r['layer_weight_bytes'])} ({r['weight_ratio_vs_dense']:.3f}) | "
+                       f"{eager} | {graph} |")
+        out.append("")
     cpu = result["cpu_half"]
     out += ["## Packed size per weight matrix (vs fp16)", "",
             "| shape (N x K) | fp16 | " + " | ".join(FORMATS) + " |", "|---|---|" + "---|" * len(FORMATS)]
@@ -400,6 +400,7 @@ def main(argv=None):
     ap.add_argument("--m", type=int, nargs="*", help="subset of M values (default: all, or 1 16 2048 with --quick)")
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph decode measurement")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-kernels", action="store_true", help="GPU: only the end-to-end decode")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args(argv)
     try:
@@ -425,7 +426,7 @@ def main(argv=None):
     if cuda:
         os.makedirs(args.out_dir, exist_ok=True)
         partial = os.path.join(args.out_dir, "serving_kernels_partial.json")
-        kernels, tuned = bench_kernels_gpu(shapes, m_values, partial)
+        kernels, tuned = ([], {}) if args.skip_kernels else bench_kernels_gpu(shapes, m_values, partial)
         result["gpu_half"] = {"kernels": kernels, "tuned_configs": tuned}
         if not args.skip_decode:
             margs = dict(layers=args.e2e_layers, hidden=4096, inter=11008, heads=32, vocab=32000, dtype=torch.float16)

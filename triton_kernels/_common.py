@@ -138,9 +138,8 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
     if M <= 2:
         return _gemv_config(M, N, K, 1024, 16, device)
     if M <= DECODE_MAX_M:
-        if limits.split_ok:
-            return _decode_config(N, K, max(limits.split_block_k, min(128, limits.block_k_max)), 64, "split", device)
-        return _decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device)
+        bk = min(256, limits.block_k_max)
+        return _decode_config(N, K, bk, 64, "rows" if bk >= ROWS_MIN_BLOCK_K else "tile", device)
     return KernelConfig(128, 128, min(64, limits.block_k_max), split_k=1, group_m=8, num_warps=8, num_stages=3)
 
 
@@ -152,9 +151,10 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
         for bn in (32, 64, 128):
             for bk in (64, 128):
                 bk = min(bk, limits.block_k_max)
-                variant = "split" if bk >= limits.split_block_k else "tile"
-                cands.append(_decode_config(N, K, bk, bn, variant, device))
-        cands.append(_decode_config(N, K, min(128, limits.block_k_max), 64, "tile", device))
+                if bk >= limits.split_block_k:
+                    cands.append(_decode_config(N, K, bk, bn, "split", device))
+                elif limits.block_k_max < ROWS_MIN_BLOCK_K:  # small groups: the tile kernel is all that fits
+                    cands.append(_decode_config(N, K, bk, bn, "tile", device))
         for bn, bk in ((32, 128), (64, 128), (128, 128), (16, 256), (32, 256), (64, 256)):
             if ROWS_MIN_BLOCK_K <= bk <= limits.block_k_max:
                 cands.append(_decode_config(N, K, bk, bn, "rows", device))
