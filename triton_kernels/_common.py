@@ -6,23 +6,28 @@ weight tile in registers and accumulating in fp32. Two paths:
 
 * decode (``M <= 16``): one 16-row tile covers all of ``x``, so each packed weight byte is read
   exactly once; the K loop is split across ``split_k`` programs (GEMV style) so that enough
-  programs stream the weight, and a second tiny kernel sums the fp32 partials. Default variant
-  ``"split"``: the compact packed tile is loaded once and multiplied field by field (one
-  ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching strided
-  columns of x, which is tiny and cached). Variant ``"gemv"`` (M <= 4): no tensor cores, no
-  padding of M to 16; each program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K
-  (contiguous per row; a tile may span several quantization groups), decodes it in fp32 (4-bit
-  codes through the float mantissa, no int-to-float conversion), fetches the matching entries
-  of x (tiny, cached) and reduces over K, one pass per row of x.
-* prefill (large ``M``): variant ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is
-  rebuilt in registers (each packed word fetched by every lane that needs one of its fields,
-  served from L1) and fed to one ``tl.dot`` against a contiguous x tile; 2-D tiles in grouped
-  order for L2 reuse. Variant ``"dense"``: decode the weight with a Triton kernel and call
-  ``torch.matmul`` (cuBLAS), a candidate for very large M.
-* both paths: variant ``"rows"``: the packed ``[BLOCK_N, BLOCK_K / fields]`` tile is loaded as
+  programs stream the weight, and a second tiny kernel sums the fp32 partials.
+* prefill (large ``M``): 2-D tiles in grouped order for L2 reuse.
+
+Variants (``KernelConfig.variant``):
+
+* ``"rows"`` (default of both paths): the packed ``[BLOCK_N, BLOCK_K / fields]`` tile is loaded as
   contiguous runs along K (vector loads, each word read once), its fields are unpacked in
   registers into the dense ``[BLOCK_N, BLOCK_K]`` tile (a broadcast shift, then a reshape), and
-  one ``tl.dot`` takes it transposed; with ``BLOCK_M = 16`` and split-K it is a decode kernel.
+  one ``tl.dot`` takes it transposed. Needs ``BLOCK_K >= 64``.
+* ``"split"`` (decode): the compact packed tile is loaded once and multiplied field by field
+  (one ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching
+  strided columns of x, which is tiny and cached).
+* ``"gemv"`` (M <= 4): no tensor cores, no padding of M to 16; each program streams
+  ``[BLOCK_N, BLOCK_K]`` of the packed weight along K (contiguous per row; a tile may span
+  several quantization groups), decodes it in fp32 (4-bit codes through the float mantissa, no
+  int-to-float conversion), fetches the matching entries of x (tiny, cached) and reduces over K,
+  one pass per row of x.
+* ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is rebuilt in registers, each packed
+  word fetched by every lane that needs one of its fields. Slower than ``rows`` on an H100 but it
+  takes any ``BLOCK_K``: the kernel for groups of 32.
+* ``"dense"`` (prefill, fp16): decode the weight with a Triton kernel and call ``torch.matmul``
+  (cuBLAS), the fastest at very large M.
 
 On a GPU the first call for a shape times a few candidate configurations (in a CUDA graph, see
 ``graph_time_ms``) and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the
@@ -140,7 +145,8 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
     if M <= DECODE_MAX_M:
         bk = min(256, limits.block_k_max)
         return _decode_config(N, K, bk, 64, "rows" if bk >= ROWS_MIN_BLOCK_K else "tile", device)
-    return KernelConfig(128, 128, min(64, limits.block_k_max), split_k=1, group_m=8, num_warps=8, num_stages=3)
+    bk = min(64, limits.block_k_max)
+    return KernelConfig(128, 128, bk, num_warps=8, num_stages=3, variant="rows" if bk >= ROWS_MIN_BLOCK_K else "tile")
 
 
 def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allow_dense: bool) -> list:
@@ -173,9 +179,15 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
             if bm > 2 * next_pow2(M):
                 continue
             bk = min(bk, limits.block_k_max)
-            cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages))
+            # Measured on an H100 at M = 2048: rows 2.5-10x faster than tile, so tile only where
+            # rows does not fit (groups of 32).
             if bk >= ROWS_MIN_BLOCK_K:
-                cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant="rows"))
+                variant = "rows"
+            elif limits.block_k_max < ROWS_MIN_BLOCK_K:
+                variant = "tile"
+            else:
+                continue
+            cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant=variant))
         if allow_dense:
             cands.append(replace(first, variant="dense"))
     seen, unique = set(), []

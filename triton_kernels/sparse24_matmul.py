@@ -270,6 +270,8 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
 
     if config is None:
         key = ("2:4", m_bucket(m), n, k, values.dtype, x2.dtype, x2.device)
-        # Dense fallback is exact when the values are already in the activation dtype.
-        config = pick_config(key, m, n, k, LIMITS, x2.device, launch, allow_dense=values.dtype == x2.dtype)
+        # Dense fallback only for fp16 values and activations: in bf16, cuBLAS's rounded product plus
+        # the bias measured 2.9e-3 relative error on an H100 (M = 300), over the 1e-3 the kernels keep.
+        allow_dense = values.dtype == x2.dtype == torch.float16
+        config = pick_config(key, m, n, k, LIMITS, x2.device, launch, allow_dense=allow_dense)
     return launch(config).reshape(*x.shape[:-1], n)
