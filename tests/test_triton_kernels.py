@@ -75,6 +75,12 @@ def test_variants_match_reference(fmt, groupsize, config):
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
 
+@pytest.mark.parametrize("fmt", ["2:4", "2:4-int4"])
+def test_rows_variant_in_bf16(fmt):
+    # 2:4 values stored in bf16 are reinterpreted from their 32-bit pair words in the kernel.
+    check(fmt, 5, 40, 256, 128, torch.bfloat16, KernelConfig(16, 16, 128, split_k=2, variant="rows"))
+
+
 @pytest.mark.parametrize("fmt", ["int4", "2:4-int4"])
 def test_gemv_tiles_spanning_several_groups(fmt):
     # BLOCK_K = 128 covers four groups of 32: each word takes its own group's scale.
