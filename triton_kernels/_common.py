@@ -359,6 +359,13 @@ def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def program_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's rows and columns of the output (grouped order) and its split-K index."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), tl.program_id(1)
+
+
+@triton.jit
 def k_range(pid_k, num_tiles, SPLIT_K: tl.constexpr):
     """The contiguous run of K tiles handled by split ``pid_k``."""
     per_split = tl.cdiv(num_tiles, SPLIT_K)
