@@ -11,7 +11,7 @@ weight tile in registers and accumulating in fp32. Two paths:
 
 Variants (``KernelConfig.variant``):
 
-* ``"rows"`` (default of both paths): the packed ``[BLOCK_N, BLOCK_K / fields]`` tile is loaded as
+* ``"rows"`` (the default, except gemv at M <= 2): the packed ``[BLOCK_N, BLOCK_K / fields]`` tile is loaded as
   contiguous runs along K (vector loads, each word read once), its fields are unpacked in
   registers into the dense ``[BLOCK_N, BLOCK_K]`` tile (a broadcast shift, then a reshape), and
   one ``tl.dot`` takes it transposed. Needs ``BLOCK_K >= 64``.

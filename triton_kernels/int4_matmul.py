@@ -5,12 +5,13 @@
 multiply the integer codes (exact in fp16/bf16) with x on the tensor cores and apply the group's
 scale to the fp32 partial product: the dequantization is exact, whatever the activation dtype.
 
-Variants (see ``_common``): ``tile`` rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split``
-(decode, needs G >= 128) loads the ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field
-i against x's columns ``8j + i``; ``rows`` loads ``[BLOCK_N, BLOCK_K/8]`` words (contiguous along K),
-unpacks them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers and does one dot; ``gemv`` (M <= 4) loads ``[BLOCK_N, BLOCK_K/8]`` words (each
-row's run along K is contiguous) and, field by field, multiplies them with x's columns ``8j + i``
-on the CUDA cores, each word weighted by its group's scale.
+Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/8]`` words (contiguous along K),
+unpacks them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers and does one dot; ``tile``
+rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split`` (decode, needs G >= 128) loads the
+``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field i against x's columns ``8j + i``;
+``gemv`` (M <= 4) loads ``[BLOCK_N, BLOCK_K/8]`` words (each row's run along K is contiguous) and,
+field by field, multiplies them with x's columns ``8j + i`` on the CUDA cores, each word weighted
+by its group's scale.
 """
 import torch
 import triton

@@ -5,12 +5,12 @@ fields 2(g%4), 2(g%4)+1 of word g//4), ``meta [K/32, N]`` int32 (as for 2:4) and
 ``scales [K/G, N]`` fp16. Integer codes (exact in fp16/bf16) go through the tensor cores and the
 group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exact dequantization.
 
-Variants (see ``_common``): ``tile`` rebuilds the dense code tile; ``split`` (decode, needs
-G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p;
-``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata words (contiguous along K),
-spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot;
-``gemv`` (M <= 4) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per
-row), scales them, fetches x at the two kept columns and reduces on the CUDA cores.
+Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata
+words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
+and does one dot; ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
+the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (M <= 4)
+reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), scales them,
+fetches x at the two kept columns and reduces on the CUDA cores.
 """
 import torch
 import triton

@@ -5,13 +5,13 @@
 of row n is the first kept value if ``p == i0``, the second if ``p == i1``, else 0. Values are
 used as stored (exact products), accumulation in fp32.
 
-Variants (see ``_common``): ``tile`` rebuilds the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T;
-``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per
-position p against x's columns ``4g + p``; ``rows`` reads the kept pairs as 32-bit words and the
-metadata words (``[BLOCK_N, BLOCK_K/4]`` and ``[BLOCK_N, BLOCK_K/32]``, contiguous along K),
-spreads them into the dense ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot; ``gemv`` (M <= 4) reads the kept pair of each group as
-one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), fetches x at the two kept
-columns and reduces on the CUDA cores.
+Variants (see ``_common``): ``rows`` reads the kept pairs as 32-bit words and the metadata words
+(``[BLOCK_N, BLOCK_K/4]`` and ``[BLOCK_N, BLOCK_K/32]``, contiguous along K), spreads them into the
+dense ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot; ``tile`` rebuilds the dense
+``[BLOCK_K, BLOCK_N]`` tile of W^T; ``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs
+once and does one dot per position p against x's columns ``4g + p``; ``gemv`` (M <= 4) reads the
+kept pair of each group as one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row),
+fetches x at the two kept columns and reduces on the CUDA cores.
 """
 import torch
 import triton
