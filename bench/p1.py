@@ -99,6 +99,8 @@ CONFIGS.update({
                                          "--groupsize", "128", "--sink-weight", "256"],
     "admm-grad-50-sink256": ["--method", "admm", "--sparsity", "0.5", "--sink-weight", "256"],
     "admm-grad-2of4-sink256": ["--method", "admm", "--pattern", "2:4", "--sink-weight", "256"],
+    "admm-grad-50-int4-g64-sink256": ["--method", "admm", "--sparsity", "0.5", "--wbits", "4", "--groupsize", "64",
+                                      "--sink-weight", "256"],
     "admm-grad-2of4-int4-g64-sink256": ["--method", "admm", "--pattern", "2:4", "--wbits", "4", "--groupsize", "64",
                                         "--sink-weight", "256"],
     "admm-grad-70-sink256": ["--method", "admm", "--sparsity", "0.7", "--sink-weight", "256"],
@@ -132,7 +134,7 @@ for _name, _flags in list(CONFIGS.items()):
 # "-act": GPTQ in act-order with static groups; with a pruning method this is prune first, then a
 # mask-preserving GPTQ (the joint one-sweep SparseGPT + INT4 has no act-order).
 for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256",
-              "admm-grad-70-hessian-int4-g64", "admm-grad-2of4-int4-g64-sink256"):
+              "admm-grad-70-hessian-int4-g64", "admm-grad-2of4-int4-g64-sink256", "admm-grad-50-int4-g64-sink256"):
     for _suffix in ("", "-mse"):
         CONFIGS[_name + "-act" + _suffix] = CONFIGS[_name + _suffix] + ["--act-order"]
 
