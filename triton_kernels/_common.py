@@ -127,6 +127,11 @@ def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3, waves=8) ->
                         variant="gemv")
 
 
+def _unpacking_variant(block_k: int) -> str:
+    """The tensor-core kernel for this BLOCK_K: "rows" where it fits (faster on an H100), else "tile"."""
+    return "rows" if block_k >= ROWS_MIN_BLOCK_K else "tile"
+
+
 def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> KernelConfig:
     """The heuristic configuration (used by the interpreter and when tuning is off)."""
     if interpreting():
@@ -144,9 +149,9 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
         return _gemv_config(M, N, K, 1024, 16, device)
     if M <= DECODE_MAX_M:
         bk = min(256, limits.block_k_max)
-        return _decode_config(N, K, bk, 64, "rows" if bk >= ROWS_MIN_BLOCK_K else "tile", device)
+        return _decode_config(N, K, bk, 64, _unpacking_variant(bk), device)
     bk = min(64, limits.block_k_max)
-    return KernelConfig(128, 128, bk, num_warps=8, num_stages=3, variant="rows" if bk >= ROWS_MIN_BLOCK_K else "tile")
+    return KernelConfig(128, 128, bk, num_warps=8, num_stages=3, variant=_unpacking_variant(bk))
 
 
 def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allow_dense: bool) -> list:
@@ -180,12 +185,9 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 continue
             bk = min(bk, limits.block_k_max)
             # Measured on an H100 at M = 2048: rows 2.5-10x faster than tile, so tile only where
-            # rows does not fit (groups of 32).
-            if bk >= ROWS_MIN_BLOCK_K:
-                variant = "rows"
-            elif limits.block_k_max < ROWS_MIN_BLOCK_K:
-                variant = "tile"
-            else:
+            # rows does not fit at any BLOCK_K (groups of 32).
+            variant = _unpacking_variant(bk)
+            if variant == "tile" and limits.block_k_max >= ROWS_MIN_BLOCK_K:
                 continue
             cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant=variant))
         if allow_dense:

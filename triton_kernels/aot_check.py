@@ -21,7 +21,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ._common import KernelConfig, _splitk_reduce_kernel  # noqa: E402
+from ._common import KernelConfig, _splitk_reduce_kernel, expand_blocks  # noqa: E402
 from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel  # noqa: E402
 from .sparse24_int4_matmul import _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel  # noqa: E402
 from .sparse24_matmul import _KERNELS as SPARSE24_KERNELS, _sparse24_dense_kernel  # noqa: E402
@@ -124,20 +124,21 @@ def main(argv=None):
                     over = shared > SHARED_LIMIT.get(arch, 232448)
                     failures += over
                     print(f"{'OVER' if over else 'ok  '} {tag}: shared={shared} {resource_usage(c)}")
+        expand_tile = dict(zip(("BLOCK_N", "BLOCK_K"), expand_blocks()))  # the sizes the wrappers launch
         others = [
             (_splitk_reduce_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16", "MN": "i32", "N": "i32",
                                      "SPLIT_K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
              {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": 1024}),
             (_int4_dequant_kernel, {"qw_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "K": "i32",
                                     "stride_qn": "i32", "stride_sg": "i32", "GROUPSIZE": "i32",
-                                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_N": 64, "BLOCK_K": 128}),
+                                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, expand_tile),
             (_sparse24_dense_kernel, {"val_ptr": "*bf16", "meta_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
                                       "stride_vn": "i32", "stride_mg": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-             {"BLOCK_N": 64, "BLOCK_K": 128}),
+             expand_tile),
             (_sparse24_int4_dequant_kernel, {"qv_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16",
                                              "N": "i32", "K": "i32", "stride_qn": "i32", "stride_mg": "i32",
                                              "stride_sg": "i32", "GROUPSIZE": "i32", "BLOCK_N": "constexpr",
-                                             "BLOCK_K": "constexpr"}, {"BLOCK_N": 64, "BLOCK_K": 128}),
+                                             "BLOCK_K": "constexpr"}, expand_tile),
         ]
         for kernel, sig, consts in others:
             try:
