@@ -138,6 +138,14 @@ for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparseg
     for _suffix in ("", "-mse"):
         CONFIGS[_name + "-act" + _suffix] = CONFIGS[_name + _suffix] + ["--act-order"]
 
+# "-refine": 4 rounds of code and scale refinement after the INT4 sweep (pyprune.ops.int4_refine),
+# after act-order GPTQ ("-act-refine") or after the joint SparseGPT + INT4 sweep ("sparsegpt-...-refine").
+for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256",
+              "admm-grad-2of4-int4-g64-sink256", "admm-grad-50-int4-g64-sink256", "admm-grad-70-hessian-int4-g64"):
+    CONFIGS[_name + "-act-refine"] = CONFIGS[_name + "-act"] + ["--refine-rounds", "4"]
+for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"):
+    CONFIGS[_name + "-refine"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "4"]
+
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order.
 for _flags in CONFIGS.values():
     if "--wbits" in _flags and "--quant-method" not in _flags and "--act-order" not in _flags:

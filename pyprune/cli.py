@@ -110,6 +110,9 @@ def _add_quant_args(p):
     g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
                    help="INT4 group scales: minmax (max|w|/7) or mse (search of shrunk scales for the "
                         "smallest rounding error; on GPU the fitted-scale sweep then runs unfused)")
+    g.add_argument("--refine-rounds", type=int, default=0, metavar="N",
+                   help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
+                        "(least squares) after the sweep; never raises the layer loss (default %(default)s)")
 
 
 def build_parser():
@@ -266,6 +269,10 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
     _check_tasks(args)
     if args.wbits == 4 and args.act_order and args.quant_method != "gptq":
         raise ValueError("--act-order is a GPTQ option; it cannot be used with --quant-method rtn")
+    if args.wbits == 4 and args.refine_rounds and args.quant_method != "gptq":
+        raise ValueError("--refine-rounds is a GPTQ option; it cannot be used with --quant-method rtn")
+    if args.refine_rounds < 0:
+        raise ValueError(f"--refine-rounds {args.refine_rounds}: must be >= 0 (0 = no refinement)")
 
 
 def _self_calib_options(args):
@@ -327,12 +334,14 @@ def _solver_and_options(args, target):
     if args.wbits == 4:
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
                                    scale_fit=args.scale_fit,
-                                   **({"damp": args.damp, "blocksize": args.blocksize}
+                                   **({"damp": args.damp, "blocksize": args.blocksize,
+                                       "refine_rounds": args.refine_rounds}
                                       if args.quant_method == "gptq" else {}))
         if method == "none":
             method = no_pruning
         elif method == "sparsegpt" and args.quant_method == "gptq" and not args.act_order:
-            method = sparsegpt_int4_solver(args.groupsize, args.scale_fit)  # prune and quantize in one sweep
+            # prune and quantize in one sweep
+            method = sparsegpt_int4_solver(args.groupsize, args.scale_fit, args.refine_rounds)
     return method, options, quantizer
 
 
@@ -441,7 +450,7 @@ def cmd_prune(args):
         cost = quantizer.storage()
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
-                                  "bits_per_weight": cost.bits_per_weight,
+                                  "refine_rounds": args.refine_rounds, "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:
         return report  # rank 0 writes the model and the report

@@ -14,7 +14,9 @@ stored layout (no ``g_idx`` indirection for kernels).
 ``pruned`` (bool, True = removed) makes it mask-preserving: pruned weights are set to exactly
 zero when their column is frozen (their current value is error compensated like any other), and
 scales are fitted on kept weights only, so all compensation ends up in kept weights and the mask
-comes back bit-identical. ``scale_fit`` chooses how group scales are fitted
+comes back bit-identical. ``refine_rounds`` > 0 then revisits every code and every group scale
+(``pyprune.ops.int4_refine``: coordinate descent on the codes, least squares on the scales), which
+never raises the layer loss. ``scale_fit`` chooses how group scales are fitted
 (``int4_grid.SCALE_FITS``; with act-order the static "mse" fit weighs each column by its Hessian
 diagonal). ``W`` may hold the pruned solver's output (zeros at pruned positions,
 e.g. ADMM) or the dense weights (then the pruning error is compensated in the same sweep).
@@ -23,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from pyprune.ops import int4_grid
+from pyprune.ops import int4_grid, int4_refine
 from pyprune.ops.hessian import inverse_hessian_factor, no_tf32
 from pyprune.ops.obs_sweep import QuantSpec, obs_sweep
 from pyprune.solvers.base import LayerStats
@@ -38,6 +40,7 @@ def solve(
     act_order: bool = False,
     pruned: Optional[torch.Tensor] = None,
     scale_fit: str = "minmax",
+    refine_rounds: int = 0,
     damp: float = 0.01,
     blocksize: int = 128,
     **_,
@@ -49,6 +52,7 @@ def solve(
         raise ValueError(f"Hessian must be [{cols}, {cols}] for W of shape {tuple(W.shape)}, got {tuple(stats.H.shape)}")
     g = int4_grid.check_groupsize(groupsize, cols)
     int4_grid.check_scale_fit(scale_fit)
+    int4_refine.check_rounds(refine_rounds)
     pruned = check_mask(pruned, W)
     with no_tf32():
         H = stats.H.float().to(W.device)
@@ -71,10 +75,14 @@ def solve(
             quant=quant,
             blocksize=blocksize,
         )
-        weight = sweep.weight
+        weight, scales = sweep.weight, sweep.scales
         if perm is not None:
             inverse = torch.argsort(perm)
             weight = weight[:, inverse]
+        refined = {}
+        if refine_rounds:
+            weight, scales, refined = int4_refine.refine_weight(W32, weight, scales, g, stats.H, factor.damp_fraction,
+                                                                pruned, refine_rounds)
     info = {
         "method": "gptq",
         "act_order": bool(act_order),
@@ -83,7 +91,8 @@ def solve(
         "damp": factor.damp_fraction,
         "cholesky_attempts": factor.attempts,
         "dead_inputs": int(dead.sum()),
+        **refined,
     }
     if pruned is None:
         pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    return make_result(W, weight, sweep.scales, pruned, g, stats.H.to(W.device), info)
+    return make_result(W, weight, scales, pruned, g, stats.H.to(W.device), info)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from pyprune.ops import int4_grid
+from pyprune.ops import int4_grid, int4_refine
 from pyprune.ops.obs_sweep import QuantSpec
 from pyprune.solvers import gptq, rtn, sparsegpt
 from pyprune.solvers.base import LayerStats, SolverResult
@@ -38,13 +38,17 @@ def quantize_layer(
 ) -> QuantResult:
     """INT4-quantize ``W`` ([out, in]); keeps ``pruned`` (True = removed) at exactly zero.
 
-    ``options`` go to the quantizer (both: ``scale_fit``; gptq: ``damp``, ``blocksize``).
-    ``act_order`` is a GPTQ option; RTN rejects it rather than silently ignoring it.
+    ``options`` go to the quantizer (both: ``scale_fit``; gptq: ``refine_rounds``, ``damp``,
+    ``blocksize``).
+    ``act_order`` and ``refine_rounds`` are GPTQ options; RTN rejects them rather than silently
+    ignoring them.
     """
     if method not in QUANTIZERS:
         raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
     if act_order and method != "gptq":
         raise ValueError(f"act_order is a GPTQ option; method={method!r} does not support it")
+    if options.get("refine_rounds") and method != "gptq":
+        raise ValueError(f"refine_rounds is a GPTQ option; method={method!r} does not support it")
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D weight matrix [out, in], got shape {tuple(W.shape)}")
     return QUANTIZERS[method](W, stats, groupsize=groupsize, act_order=act_order, pruned=pruned, **options)
@@ -57,20 +61,28 @@ def prune_and_quantize(
     *,
     groupsize: int = 128,
     scale_fit: str = "minmax",
+    refine_rounds: int = 0,
     damp: float = 0.01,
     blocksize: int = 128,
 ) -> QuantResult:
     """SparseGPT + INT4 in one OBS sweep: each frozen column is pruned by the adaptive mask, its
     kept weights quantized (group scales fitted on kept weights when the sweep reaches the group),
-    and the combined error compensated into the columns not frozen yet."""
+    and the combined error compensated into the columns not frozen yet. ``refine_rounds`` then
+    refines codes and scales on the final mask (``pyprune.ops.int4_refine``)."""
     g = int4_grid.check_groupsize(groupsize, W.shape[1])
     int4_grid.check_scale_fit(scale_fit)
+    int4_refine.check_rounds(refine_rounds)
     # float32 in, so the solver's output stays exactly on the grid (fp16 would round scale * q).
     result = sparsegpt.solve(W.float(), stats, pattern, damp=damp, blocksize=blocksize,
                              quant=QuantSpec(groupsize=g, scale_fit=scale_fit))
+    weight, scales = result.weight, result.info["scales"]
     info = {key: value for key, value in result.info.items() if key != "scales"}
     info.update(method="sparsegpt+gptq", pattern=str(pattern), scale_fit=scale_fit)
-    return make_result(W, result.weight, result.info["scales"], result.pruned, g, stats.H.to(W.device), info)
+    if refine_rounds:
+        weight, scales, refined = int4_refine.refine_weight(W, weight, scales, g, stats.H, result.info["damp"],
+                                                            result.pruned, refine_rounds)
+        info.update(refined)
+    return make_result(W, weight, scales, result.pruned, g, stats.H.to(W.device), info)
 
 
 def no_pruning(W: torch.Tensor, stats: Optional[LayerStats] = None, pattern: SparsityPattern = None, **_) -> SolverResult:
@@ -81,15 +93,15 @@ def no_pruning(W: torch.Tensor, stats: Optional[LayerStats] = None, pattern: Spa
 no_pruning.statistics = None  # only the quantizer (if it is GPTQ) reads calibration statistics
 
 
-def sparsegpt_int4_solver(groupsize: int = 128, scale_fit: str = "minmax"):
+def sparsegpt_int4_solver(groupsize: int = 128, scale_fit: str = "minmax", refine_rounds: int = 0):
     """A solver (``solve(W, stats, pattern, **options) -> SolverResult``) running the joint
     SparseGPT + INT4 sweep; its result carries the :class:`QuantResult` as
     ``info["quant_result"]`` for :class:`LayerQuantizer` to record without quantizing again.
     The weight is float32 (exactly on the grid)."""
 
     def solve(W, stats, pattern, *, damp=0.01, blocksize=128, **_):
-        q = prune_and_quantize(W, stats, pattern, groupsize=groupsize, scale_fit=scale_fit, damp=damp,
-                               blocksize=blocksize)
+        q = prune_and_quantize(W, stats, pattern, groupsize=groupsize, scale_fit=scale_fit,
+                               refine_rounds=refine_rounds, damp=damp, blocksize=blocksize)
         info = dict(q.info, quant_result=q)
         return SolverResult(q.weight, q.pruned, q.loss, info)
 
