@@ -53,6 +53,9 @@ def test_nm_pattern_and_explicit_report_path(tiny_saved_model, tmp_path):
     (["--pattern", "2:3"], "multiple of 3"),
     (["--pattern", "4:2"], "4:2"),
     (["--sparsity", "0.5", "--method", "obs-magic"], "obs-magic"),
+    (["--method", "none", "--wbits", "4", "--groupsize", "32", "--quant-method", "rtn", "--refine-rounds", "2"],
+     "--refine-rounds is a GPTQ option"),
+    (["--method", "none", "--wbits", "4", "--groupsize", "32", "--refine-rounds", "-1"], "--refine-rounds -1"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(tiny_saved_model, capsys, extra, message):
     model_dir, data = tiny_saved_model
@@ -82,19 +85,25 @@ def test_missing_model_folder_is_named(tmp_path, capsys, data_dir):
     assert missing in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("scale_fit", ["minmax", "mse"])
-def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp_path, capsys, scale_fit):
+@pytest.mark.parametrize("scale_fit, refine_rounds", [("minmax", 0), ("mse", 0), ("minmax", 2)])
+def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp_path, capsys, scale_fit,
+                                                           refine_rounds):
     from pyprune.formats.quant_state import load_quant_state
 
     model_dir, data = tiny_saved_model
     out = tmp_path / "q"
     assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--pattern", "2:4", "--wbits", "4",
-                           "--groupsize", "32", "--scale-fit", scale_fit, "--no-act-order", "--save", str(out))) == 0
+                           "--groupsize", "32", "--scale-fit", scale_fit, "--no-act-order",
+                           "--refine-rounds", str(refine_rounds), "--save", str(out))) == 0
     report = json.loads((out / "pyprune_report.json").read_text())
     assert report["quantization"]["act_order"] is False
     assert report["quantization"]["bits_per_weight"] < 4
     assert report["quantization"]["scale_fit"] == scale_fit
     assert all(r["scale_fit"] == scale_fit for r in report["linears"])
+    assert report["quantization"]["refine_rounds"] == refine_rounds
+    assert all(r["refine_rounds"] == refine_rounds for r in report["linears"])
+    if refine_rounds:  # the refinement never raises a layer's loss
+        assert all(r["refine_loss_ratio"] <= 1.0 for r in report["linears"])
     states = load_quant_state(str(out))
     model = AutoModelForCausalLM.from_pretrained(out)
     W = model.model.layers[0].self_attn.q_proj.weight

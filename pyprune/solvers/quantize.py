@@ -145,12 +145,15 @@ class LayerQuantizer:
             "quant_method": q.info.get("method", self.method),
             "act_order": bool(q.info.get("act_order", False)),
             "scale_fit": q.info.get("scale_fit", "minmax"),
+            "refine_rounds": q.info.get("refine_rounds", 0),
             "quant_loss": q.loss,
             "quant_rel_error": q.info.get("rel_error", float("nan")),
             "bits_per_weight": cost.bits_per_weight,
             "compressed_bytes": cost.nbytes,
             "storage_layout": cost.layout,
         }
+        if "refine_loss_ratio" in q.info:
+            fields["refine_loss_ratio"] = q.info["refine_loss_ratio"]
         return q.weight, fields
 
     def storage(self) -> StorageCost:
