@@ -145,6 +145,7 @@ for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparseg
     CONFIGS[_name + "-act-refine"] = CONFIGS[_name + "-act"] + ["--refine-rounds", "4"]
 for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"):
     CONFIGS[_name + "-refine"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "4"]
+    CONFIGS[_name + "-refine8"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "8"]
 
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order.
 for _flags in CONFIGS.values():

@@ -8,15 +8,8 @@ from pyprune.solvers.pattern import SparsityPattern
 from pyprune.solvers.quantize import prune_and_quantize, quantize_layer
 from tests.test_gptq import assert_on_grid, correlated_stats, random_weight
 
-
-@pytest.fixture(scope="module")
-def stats():
-    return correlated_stats()
-
-
-@pytest.fixture(scope="module")
-def W():
-    return random_weight()
+STATS = correlated_stats()
+WEIGHT = random_weight()
 
 
 def _loss(W, codes, scales, g, H):
@@ -25,7 +18,8 @@ def _loss(W, codes, scales, g, H):
 
 @pytest.mark.parametrize("groupsize", [32, 64, -1])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_refinement_lowers_gptq_loss_and_stays_on_grid(W, stats, groupsize, act_order):
+def test_refinement_lowers_gptq_loss_and_stays_on_grid(groupsize, act_order):
+    W, stats = WEIGHT, STATS
     plain = quantize_layer(W, stats, method="gptq", groupsize=groupsize, act_order=act_order)
     refined = quantize_layer(W, stats, method="gptq", groupsize=groupsize, act_order=act_order, refine_rounds=2)
     assert_on_grid(refined)
@@ -35,7 +29,8 @@ def test_refinement_lowers_gptq_loss_and_stays_on_grid(W, stats, groupsize, act_
     assert not torch.equal(refined.scales, plain.scales)  # the scale solve moved some scales
 
 
-def test_each_round_never_raises_the_loss(W, stats):
+def test_each_round_never_raises_the_loss():
+    W, stats = WEIGHT, STATS
     H = int4_refine.dampened(stats.H, 0.01)
     start = quantize_layer(W, stats, method="gptq", groupsize=64)
     codes, scales = start.qweight, start.scales
@@ -49,10 +44,9 @@ def test_each_round_never_raises_the_loss(W, stats):
     assert losses[-1] < losses[0]
 
 
-def test_code_pass_leaves_every_weight_at_its_best_grid_point_given_the_rest():
-    """After a pass, no single code change lowers the loss by more than the later columns' moves
-    could have shifted it: checked on a problem small enough to try every code of every weight,
-    with one column, where the pass is exact."""
+def test_code_pass_lowers_the_loss_and_leaves_the_last_column_at_its_best_code():
+    """From a poor start a pass lowers the loss; in the last column it visits (nothing moves after
+    it) every row holds the best of the 16 codes, found here by trying them all."""
     g = torch.Generator().manual_seed(3)
     rows, cols = 5, 16
     H = correlated_stats(cols, n=256, seed=4).H
@@ -106,7 +100,8 @@ def test_scale_solve_keeps_scales_of_empty_groups_and_never_worsens_a_row():
 
 
 @pytest.mark.parametrize("pattern", [SparsityPattern(0.5), SparsityPattern(n=2, m=4)])
-def test_refinement_keeps_the_mask(W, stats, pattern):
+def test_refinement_keeps_the_mask(pattern):
+    W, stats = WEIGHT, STATS
     pruned = sparsegpt.solve(W, stats, pattern)
     after = quantize_layer(pruned.weight, stats, method="gptq", groupsize=64, act_order=True,
                            pruned=pruned.pruned, refine_rounds=2)
@@ -121,7 +116,8 @@ def test_refinement_keeps_the_mask(W, stats, pattern):
     assert_on_grid(joint)
 
 
-def test_bad_refine_rounds_are_refused(W, stats):
+def test_bad_refine_rounds_are_refused():
+    W, stats = WEIGHT, STATS
     with pytest.raises(ValueError, match=r"refine_rounds=-1: must be an integer >= 0"):
         quantize_layer(W, stats, method="gptq", groupsize=64, refine_rounds=-1)
     with pytest.raises(ValueError, match="refine_rounds is a GPTQ option; method='rtn'"):
@@ -129,7 +125,8 @@ def test_bad_refine_rounds_are_refused(W, stats):
 
 
 @pytest.mark.cuda
-def test_refinement_on_gpu_matches_the_cpu_loss(W, stats):
+def test_refinement_on_gpu_matches_the_cpu_loss():
+    W, stats = WEIGHT, STATS
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     cpu = quantize_layer(W, stats, method="gptq", groupsize=64, act_order=True, refine_rounds=2)
