@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -110,9 +111,10 @@ def _add_quant_args(p):
     g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
                    help="INT4 group scales: minmax (max|w|/7) or mse (search of shrunk scales for the "
                         "smallest rounding error; on GPU the fitted-scale sweep then runs unfused)")
-    g.add_argument("--refine-rounds", type=int, default=0, metavar="N",
+    g.add_argument("--refine-rounds", type=int, default=None, metavar="N",
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
-                        "(least squares) after the sweep; never raises the layer loss (default %(default)s)")
+                        "(least squares) after the sweep; never raises the layer loss "
+                        f"(default {int4_refine.DEFAULT_ROUNDS} with GPTQ, 0 = off)")
 
 
 def build_parser():
@@ -374,9 +376,12 @@ def cmd_prune(args):
     solver_reads = None if args.method == "none" else statistics_needed(args.method)
     gptq = args.wbits == 4 and args.quant_method == "gptq"
     if args.act_order is None:
-        # Under P1 on SmolLM2-135M act-order beat the plain column order with and without pruning
-        # (README, pruning with INT4); its static groups cost nothing at inference.
-        args.act_order = gptq
+        # Under P1 on SmolLM2-135M (README, pruning with INT4): act-order beat the plain column
+        # order, with and without pruning (its static groups cost nothing at inference), except
+        # for SparseGPT, where the joint sweep followed by the refinement beat both.
+        args.act_order = gptq and args.method != "sparsegpt"
+    if args.refine_rounds is None:
+        args.refine_rounds = int4_refine.DEFAULT_ROUNDS if gptq else 0
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
     if args.sink_weight is None:
         args.sink_weight = default_sink_weight(args.method, gptq)

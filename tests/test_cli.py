@@ -112,6 +112,16 @@ def test_int4_joint_with_sparsegpt_saves_codes_that_reload(tiny_saved_model, tmp
     assert torch.equal(state.pruned, W == 0) or bool((state.pruned <= (W == 0)).all())
 
 
+def test_sparsegpt_with_int4_defaults_to_the_joint_sweep_and_refinement(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    out = tmp_path / "q"
+    assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4",
+                           "--groupsize", "32", "--save", str(out))) == 0
+    report = json.loads((out / "pyprune_report.json").read_text())
+    assert report["quantization"]["act_order"] is False and report["quantization"]["refine_rounds"] == 4
+    assert all(r["quant_method"] == "sparsegpt+gptq" and r["refine_loss_ratio"] <= 1.0 for r in report["linears"])
+
+
 def test_quantization_only_and_compressed_checkpoint(tiny_saved_model, tmp_path, capsys):
     model_dir, data = tiny_saved_model
     out, packed = tmp_path / "q", tmp_path / "packed"
@@ -120,6 +130,7 @@ def test_quantization_only_and_compressed_checkpoint(tiny_saved_model, tmp_path,
     # quantization alone removes nothing, yet the final weights do lose part of each output
     report = json.loads((out / "pyprune_report.json").read_text())
     assert report["quantization"]["act_order"] is True  # GPTQ's default
+    assert report["quantization"]["refine_rounds"] == 4  # and so is the refinement
     linears = report["linears"]
     assert all(r["loss"] == 0 and 0 < r["relative_error"] < 0.1 for r in linears)
     assert main(["compress", str(out), "--format", "int4", "--out", str(packed)]) == 0

@@ -17,7 +17,9 @@ of the group. Each refinement round revisits both:
    format), and a row keeps its old scales unless the rounded ones lower its loss.
 
 So the loss never increases from one round to the next, and the result is still exactly on the
-grid of ``pyprune.ops.int4_grid``.
+grid of ``pyprune.ops.int4_grid``. The target ``W`` is the weight the quantizer was given: after a
+pruning solver that is the pruned weight; in the joint SparseGPT sweep it is the dense weight, so
+the kept weights also take up part of the pruning error that the greedy sweep left.
 """
 from dataclasses import dataclass
 
