@@ -105,8 +105,8 @@ def _add_quant_args(p):
     g.add_argument("--wbits", type=int, default=16, choices=[4, 16], help="4: INT4 weights; 16: no quantization")
     g.add_argument("--groupsize", type=int, default=128, help="INT4 columns per scale (32, 64, 128, 256; -1 per channel)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ in decreasing Hessian-diagonal order, static groups (default: on for GPTQ; with "
-                        "--no-act-order, SparseGPT prunes and quantizes in one sweep)")
+                   help="GPTQ in decreasing Hessian-diagonal order, static groups, after pruning (default: "
+                        "on, except with --method sparsegpt, which then prunes and quantizes in one sweep)")
     g.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"], help="INT4 quantizer")
     g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
                    help="INT4 group scales: minmax (max|w|/7) or mse (search of shrunk scales for the "
