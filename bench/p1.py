@@ -146,6 +146,7 @@ for _name in ("gptq-int4-g64-sink256", "sparsegpt-50-int4-g64-sink256", "sparseg
 for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"):
     CONFIGS[_name + "-refine"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "4"]
     CONFIGS[_name + "-refine8"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "8"]
+    CONFIGS[_name + "-refine-mse"] = CONFIGS[_name + "-refine"] + ["--scale-fit", "mse"]
 
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order.
 for _flags in CONFIGS.values():
