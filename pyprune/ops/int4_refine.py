@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from pyprune.ops import int4_grid
+from pyprune.ops.hessian import no_tf32
 
 DEFAULT_ROUNDS = 4
 _BLOCK = 128
@@ -81,11 +82,12 @@ def refine(W: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, groupsize
     codes = codes.to(torch.int8).clone()
     scales = scales.float().clone()
     keep = None if pruned is None else ~pruned
-    before = _row_losses(W, codes, scales, groupsize, H).sum()
-    for _ in range(rounds):
-        _code_pass(W, codes, scales, groupsize, H, keep)
-        scales = _solve_scales(W, codes, scales, groupsize, H)
-    after = _row_losses(W, codes, scales, groupsize, H).sum()
+    with no_tf32():  # the steps compare losses that differ in the 4th digit
+        before = _row_losses(W, codes, scales, groupsize, H).sum()
+        for _ in range(rounds):
+            _code_pass(W, codes, scales, groupsize, H, keep)
+            scales = _solve_scales(W, codes, scales, groupsize, H)
+        after = _row_losses(W, codes, scales, groupsize, H).sum()
     return RefinedCodes(codes, scales, float(before), float(after))
 
 
