@@ -1,7 +1,8 @@
 """Layer-level INT4 comparison: relative reconstruction error of RTN, GPTQ and GPTQ with act-order
 at group sizes 32/64/128/per-channel, and of SparseGPT 50 % + INT4 in one sweep versus SparseGPT
 50 % followed by mask-preserving GPTQ; each INT4 configuration with min-max scales and with the
-"mse" scale search (``... mse``).
+"mse" scale search (``... mse``), and the GPTQ ones also followed by 4 rounds of code and scale
+refinement (``... + refine``).
 
 Inputs: real activations of SmolLM2-135M (a safetensors copy in --model-dir, default
 /tmp/smol_st) on C4 windows from /work/shared/data/c4, captured with forward pre-hooks; half of
@@ -38,6 +39,7 @@ from pyprune.solvers.quantize import prune_and_quantize, quantize_layer
 
 GROUPSIZES = (32, 64, 128, -1)
 SPARSE_GROUPSIZES = (64, 128, -1)
+REFINE_ROUNDS = 4  # "+ refine": codes and scales refined after the sweep (pyprune.ops.int4_refine)
 C4 = "/work/shared/data/c4/c4-sample-200docs.jsonl"
 
 
@@ -173,6 +175,9 @@ def configs_for(W, cal):
             out.append((f"GPTQ act-order {tag}",
                         lambda g=g, fit=fit: quantize_layer(W, cal, method="gptq", groupsize=g, act_order=True,
                                                             scale_fit=fit)))
+            out.append((f"GPTQ act-order {tag} + refine",
+                        lambda g=g, fit=fit: quantize_layer(W, cal, method="gptq", groupsize=g, act_order=True,
+                                                            scale_fit=fit, refine_rounds=REFINE_ROUNDS)))
     out.append(("SparseGPT 50% (no INT4, fp16 values)", lambda: sparsegpt.solve(W, cal, half)))
     for g in SPARSE_GROUPSIZES:
         if g != -1 and cols % g:
@@ -181,8 +186,14 @@ def configs_for(W, cal):
             tag = config_tag(g, fit)
             out.append((f"SparseGPT 50% + INT4 joint {tag}",
                         lambda g=g, fit=fit: prune_and_quantize(W, cal, half, groupsize=g, scale_fit=fit)))
+            out.append((f"SparseGPT 50% + INT4 joint {tag} + refine",
+                        lambda g=g, fit=fit: prune_and_quantize(W, cal, half, groupsize=g, scale_fit=fit,
+                                                                refine_rounds=REFINE_ROUNDS)))
             out.append((f"SparseGPT 50% then mask-GPTQ {tag}",
                         lambda g=g, fit=fit: _sparse_then_quantize(W, cal, half, g, "gptq", fit)))
+            out.append((f"SparseGPT 50% then mask-GPTQ act-order {tag} + refine",
+                        lambda g=g, fit=fit: _sparse_then_quantize(W, cal, half, g, "gptq", fit, act_order=True,
+                                                                   refine_rounds=REFINE_ROUNDS)))
             out.append((f"SparseGPT 50% then RTN {tag}",
                         lambda g=g, fit=fit: _sparse_then_quantize(W, cal, half, g, "rtn", fit)))
     return out
@@ -199,9 +210,9 @@ def _sparse(W, cal, pattern):
     return _sparse_cache[key]
 
 
-def _sparse_then_quantize(W, cal, pattern, g, method, fit):
+def _sparse_then_quantize(W, cal, pattern, g, method, fit, **options):
     s = _sparse(W, cal, pattern)
-    return quantize_layer(s.weight, cal, method=method, groupsize=g, pruned=s.pruned, scale_fit=fit)
+    return quantize_layer(s.weight, cal, method=method, groupsize=g, pruned=s.pruned, scale_fit=fit, **options)
 
 
 def main():
