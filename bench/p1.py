@@ -148,10 +148,14 @@ for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"
     CONFIGS[_name + "-refine8"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "8"]
     CONFIGS[_name + "-refine-mse"] = CONFIGS[_name + "-refine"] + ["--scale-fit", "mse"]
 
-# The GPTQ configurations above without "-act" ran in plain column order, the default before act-order.
+# The GPTQ configurations above without "-act" ran in plain column order, the default before act-order,
+# and those without "-refine" ran before the refinement (now on by default).
 for _flags in CONFIGS.values():
-    if "--wbits" in _flags and "--quant-method" not in _flags and "--act-order" not in _flags:
-        _flags.append("--no-act-order")
+    if "--wbits" in _flags and "--quant-method" not in _flags:
+        if "--act-order" not in _flags and "--no-act-order" not in _flags:
+            _flags.append("--no-act-order")
+        if "--refine-rounds" not in _flags:
+            _flags += ["--refine-rounds", "0"]
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).
