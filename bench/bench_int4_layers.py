@@ -1,8 +1,8 @@
 """Layer-level INT4 comparison: relative reconstruction error of RTN, GPTQ and GPTQ with act-order
 at group sizes 32/64/128/per-channel, and of SparseGPT 50 % + INT4 in one sweep versus SparseGPT
 50 % followed by mask-preserving GPTQ; each INT4 configuration with min-max scales and with the
-"mse" scale search (``... mse``), and the GPTQ ones also followed by 4 rounds of code and scale
-refinement (``... + refine``).
+"mse" scale search (``... mse``); GPTQ act-order, the joint sweep and act-order mask-GPTQ also
+followed by 4 rounds of code and scale refinement (``... + refine``).
 
 Inputs: real activations of SmolLM2-135M (a safetensors copy in --model-dir, default
 /tmp/smol_st) on C4 windows from /work/shared/data/c4, captured with forward pre-hooks; half of
