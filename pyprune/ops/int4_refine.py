@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from pyprune.ops import int4_grid
-from pyprune.ops.hessian import no_tf32
+from pyprune.ops.hessian import fix_dead_columns, no_tf32
 
 DEFAULT_ROUNDS = 4
 _BLOCK = 128
@@ -48,8 +48,10 @@ def check_rounds(rounds: int) -> int:
 
 
 def dampened(H: torch.Tensor, damp_fraction: float) -> torch.Tensor:
-    """``H + damp * mean(diag H) * I`` (float32 copy): the objective the OBS sweep minimised."""
+    """The objective the OBS sweep minimised (float32 copy): dead inputs given a unit diagonal as
+    ``inverse_hessian_factor`` does, then ``+ damp * mean(diag H) * I``."""
     H = H.float().clone()
+    fix_dead_columns(H)
     H.diagonal().add_(damp_fraction * float(H.diagonal().mean()))
     return H
 
