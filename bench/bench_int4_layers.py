@@ -149,8 +149,8 @@ def gs_label(g):
 
 
 def config_tag(g, fit):
-    """"g64", or "g64 mse" for the mse scale fit."""
-    return gs_label(g) if fit == "minmax" else f"{gs_label(g)} mse"
+    """"g64" for min-max scales, else "g64 <fit>" ("g64 mse", "g64 signed", ...)."""
+    return gs_label(g) if fit == "minmax" else f"{gs_label(g)} {fit}"
 
 
 def config_order():

@@ -148,14 +148,23 @@ for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"
     CONFIGS[_name + "-refine8"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "8"]
     CONFIGS[_name + "-refine-mse"] = CONFIGS[_name + "-refine"] + ["--scale-fit", "mse"]
 
+# "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
+for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
+              "sparsegpt-2of4-int4-g64-sink256-refine"):
+    for _fit in ("signed", "signed-mse"):
+        CONFIGS[f"{_name}-{_fit}"] = CONFIGS[_name] + ["--scale-fit", _fit]
+
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order,
-# and those without "-refine" ran before the refinement (now on by default).
+# those without "-refine" ran before the refinement, and those naming no scale fit used min-max scales.
 for _flags in CONFIGS.values():
-    if "--wbits" in _flags and "--quant-method" not in _flags:
-        if "--act-order" not in _flags and "--no-act-order" not in _flags:
-            _flags.append("--no-act-order")
-        if "--refine-rounds" not in _flags:
-            _flags += ["--refine-rounds", "0"]
+    if "--wbits" in _flags:
+        if "--scale-fit" not in _flags:
+            _flags += ["--scale-fit", "minmax"]
+        if "--quant-method" not in _flags:
+            if "--act-order" not in _flags and "--no-act-order" not in _flags:
+                _flags.append("--no-act-order")
+            if "--refine-rounds" not in _flags:
+                _flags += ["--refine-rounds", "0"]
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).

@@ -89,11 +89,11 @@ def check_scales(scales: torch.Tensor, rows: int, ngroups: int):
     if tuple(scales.shape) != (rows, ngroups):
         raise ValueError(f"scales must have shape [out_features, groups] = {(rows, ngroups)}, got {tuple(scales.shape)}")
     s = scales.float()
-    bad = ~torch.isfinite(s) | (s <= 0) | (s.to(torch.float16).float() != s)
+    bad = ~torch.isfinite(s) | (s == 0) | (s.to(torch.float16).float() != s)
     if bool(bad.any()):
         row, grp = (int(v) for v in torch.nonzero(bad)[0])
         raise PatternError(
-            f"INT4 scales must be positive, finite and exactly representable in float16: "
+            f"INT4 scales must be nonzero, finite and exactly representable in float16: "
             f"row {row}, group {grp} holds {float(s[row, grp])!r}"
         )
 

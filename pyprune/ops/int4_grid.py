@@ -4,17 +4,22 @@
   stays exactly zero after quantization.
 * One scale per output row per group of ``groupsize`` consecutive input columns, in the original
   column order (``groupsize=-1``: one group spanning the whole row). The group size must divide
-  the layer width; there are no ragged groups. Scales are positive and are rounded to float16
-  when fitted, so the packed checkpoint (fp16 scales) represents them exactly.
-* A weight is ``scale * q``. Two ways to fit a group's scale (``scale_fit``), both over the
-  group's kept weights (pruned ones are zero, which every scale represents exactly):
+  the layer width; there are no ragged groups. Scales are rounded to float16
+  when fitted, so the packed checkpoint (fp16 scales) represents them exactly. A scale is
+  nonzero and may be negative: ``-s * q`` for ``q`` in ``-8 ... 7`` is the grid ``s * (-7 ... 8)``,
+  so the sign of the scale chooses which side of zero gets the 8th level.
+* A weight is ``scale * q``. Ways to fit a group's scale (``scale_fit``), all over the group's
+  kept weights (pruned ones are zero, which every scale represents exactly):
 
-  - ``"minmax"`` (default): ``scale = max|w| / 7``, so the largest magnitude maps to +-7 and -8
-    is only reached by values pushed there by error compensation;
-  - ``"mse"``: the scale among ``max|w| * r / 7`` for ``r`` in ``MSE_RATIOS`` (1.00, 0.99, ...,
-    0.30) that gives the smallest squared rounding error of the group, optionally weighted per
-    column. Shrinking clips the few largest weights (to +-7 or -8) and buys a finer grid for the
-    rest; ``r = 1`` is a candidate, so the error is never above min-max's.
+  - ``"minmax"`` (default): ``scale = max|w| / 7``, positive, so the largest magnitude maps to
+    +-7 and -8 is only reached by values pushed there by error compensation (15 of the 16 levels);
+  - ``"signed"``: the smallest ``|scale|`` whose grid covers the group without clipping, its sign
+    chosen so that the side of zero holding the largest magnitude gets 8 steps. All 16 levels are
+    used: the step is up to 7/8 of min-max's, never larger;
+  - ``"mse"`` / ``"signed-mse"``: the scale among ``s * r`` for ``s`` the min-max / signed scale and
+    ``r`` in ``MSE_RATIOS`` (1.00, 0.99, ..., 0.30) that gives the smallest squared rounding error
+    of the group, optionally weighted per column. Shrinking clips the few largest weights and buys
+    a finer grid for the rest; ``r = 1`` is a candidate, so the error is never above the start's.
 * ``scale * q`` is exact in float32 (11 significant bits times 4), so the dequantized float32
   weight and the pair (codes, scales) carry exactly the same information. It is generally NOT
   exact in float16/bfloat16: there, the codes and scales are the truth.
@@ -28,7 +33,7 @@ QMAX = 7
 BITS = 4
 SCALE_BITS = 16  # scales are stored as float16
 VALID_GROUPSIZES = (-1, 32, 64, 128, 256)
-SCALE_FITS = ("minmax", "mse")
+SCALE_FITS = ("minmax", "mse", "signed", "signed-mse")
 MSE_RATIOS = tuple(round(1.0 - 0.01 * k, 2) for k in range(71))  # 1.00 down to 0.30
 
 
@@ -69,13 +74,13 @@ def fit_scale(w: torch.Tensor, scale_fit: str = "minmax", weight: torch.Tensor =
     """
     check_scale_fit(scale_fit)
     w = w.float()
-    absmax = w.abs().amax(dim=1, keepdim=True)
-    best = _fp16_scale(absmax / QMAX)
-    if scale_fit == "minmax":
+    start = _signed_scale(w) if scale_fit.startswith("signed") else w.abs().amax(dim=1, keepdim=True) / QMAX
+    best = _fp16_scale(start)
+    if not scale_fit.endswith("mse"):
         return best
     best_err = _rounding_error(w, best, weight)
     for ratio in MSE_RATIOS[1:]:
-        scale = _fp16_scale(absmax * ratio / QMAX)
+        scale = _fp16_scale(start * ratio)
         err = _rounding_error(w, scale, weight)
         better = err < best_err  # strict: ties keep the wider scale
         best = torch.where(better, scale, best)
@@ -83,10 +88,20 @@ def fit_scale(w: torch.Tensor, scale_fit: str = "minmax", weight: torch.Tensor =
     return best
 
 
+def _signed_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per row, the scale of smallest magnitude whose grid ``scale * (-8 ... 7)`` holds the row's
+    range: positive covers ``[-8s, 7s]``, negative covers ``[-7s, 8s]`` (``s = |scale|``)."""
+    top = w.amax(dim=1, keepdim=True).clamp(min=0)
+    bottom = (-w).amax(dim=1, keepdim=True).clamp(min=0)
+    positive = torch.maximum(bottom / -QMIN, top / QMAX)
+    negative = torch.maximum(top / -QMIN, bottom / QMAX)
+    return torch.where(negative < positive, -negative, positive)
+
+
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     scale = scale.to(torch.float16).float()
-    # All-zero rows (fully pruned groups) and fp16 underflow: any positive scale represents 0.
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    # All-zero rows (fully pruned groups) and fp16 underflow: any nonzero scale represents 0.
+    return torch.where(scale != 0, scale, torch.ones_like(scale))
 
 
 def _rounding_error(w, scale, weight):
@@ -174,9 +189,9 @@ def encode(W: torch.Tensor, scales: torch.Tensor, groupsize: int) -> torch.Tenso
 
 
 def check_scales(scales: torch.Tensor) -> None:
-    """Scales must be positive, finite and exactly representable in float16."""
+    """Scales must be nonzero, finite and exactly representable in float16."""
     s = scales.float()
-    if not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError("INT4 scales must be positive and finite")
+    if not torch.isfinite(s).all() or (s == 0).any():
+        raise ValueError("INT4 scales must be nonzero and finite")
     if not torch.equal(s.to(torch.float16).float(), s):
         raise ValueError("INT4 scales must be exactly representable in float16")

@@ -87,7 +87,7 @@ def obs_sweep(
                 torch.zeros(rows, ngroups, device=W.device)
         loss = torch.zeros(rows, device=W.device, dtype=torch.float64)
         scale = None
-        fit_weight = torch.diag(U).pow(-2) if quant is not None and quant.scale_fit == "mse" else None
+        fit_weight = torch.diag(U).pow(-2) if quant is not None and quant.scale_fit.endswith("mse") else None
         spanning = quant is not None and quant.static_scales is None and quant.groupsize > blocksize
         for i1 in range(0, cols, blocksize):
             i2 = min(i1 + blocksize, cols)

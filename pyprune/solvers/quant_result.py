@@ -30,7 +30,7 @@ class QuantCodes:
 class QuantResult:
     weight: torch.Tensor  # float32 [out, in], exactly scale * code
     qweight: torch.Tensor  # int8 [out, in], codes in -8..7 (0 wherever pruned)
-    scales: torch.Tensor  # float32 [out, in // groupsize], fp16-exact, positive
+    scales: torch.Tensor  # float32 [out, in // groupsize], fp16-exact, nonzero
     pruned: torch.Tensor  # bool [out, in], True = removed (bit-identical to a given mask)
     groupsize: int  # resolved columns per scale (in_features for per-channel)
     loss: float  # 0.5 * tr(dW H dW^T) against the W that was passed in; nan without H
