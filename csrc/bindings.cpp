@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, double, int64_t, int64_t> inverse_hessian_fac
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
     const at::Tensor& W1, const at::Tensor& U1, at::Tensor prune1, int64_t n, int64_t m, int64_t col0,
     int64_t groupsize, const OptTensor& carry_scale, const OptTensor& tail, const OptTensor& static_scales,
-    const OptTensor& group_index) {
+    const OptTensor& group_index, bool signed_scales) {
   check_dtype(W1, at::kFloat, "W1");
   check_matrix(W1, "W1");
   check_unit_column_stride(W1, "W1");
@@ -245,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> obs_block(
   a.tail_cols = has_tail ? static_cast<int>(tail->size(1)) : 0;
   a.block_scales = nstarts > 0 ? block_scales.data_ptr<float>() : nullptr;
   a.nstarts = static_cast<int>(nstarts);
+  a.signed_scales = signed_scales ? 1 : 0;
   a.static_scales = static_scales.has_value() ? static_scales->data_ptr<float>() : nullptr;
   a.ld_static = static_scales.has_value() ? static_scales->stride(0) : 0;
   a.group_index = static_scales.has_value() ? group_index->data_ptr<int>() : nullptr;
@@ -317,8 +318,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "(U, dead, used_fraction, attempts, status): U^T U = (H + damp I)^-1, status 0 on success.");
   mod.def("obs_block", &obs_block, py::arg("W1"), py::arg("U1"), py::arg("prune1"), py::arg("n"), py::arg("m"),
           py::arg("col0"), py::arg("groupsize"), py::arg("carry_scale") = py::none(), py::arg("tail") = py::none(),
-          py::arg("static_scales") = py::none(), py::arg("group_index") = py::none(),
-          "One block of the OBS sweep: (Q1, Err1, loss_per_row float64, block_scales); prune1 updated in place.");
+          py::arg("static_scales") = py::none(), py::arg("group_index") = py::none(), py::arg("signed_scales") = false,
+          "One block of the OBS sweep: (Q1, Err1, loss_per_row float64, block_scales); prune1 updated in place. "
+          "signed_scales: fit scales by int4_grid's \"signed\" rule instead of min-max.");
   mod.def("admm_step", &admm_step, py::arg("W"), py::arg("U"), py::arg("rho"), py::arg("mode"), py::arg("k"),
           py::arg("n"), py::arg("m"), py::arg("pruned"),
           "(Z, rhs); U updated in place to U + W - Z; pruned written (read for mode 3).");

@@ -38,12 +38,22 @@ constexpr int kRowsPerWarp = 2;
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// int4_grid.fit_scale: fp16(absmax / 7), positive. On CUDA, PyTorch divides a tensor by a Python
+// int4_grid.fit_scale "minmax": fp16(absmax / 7), positive. On CUDA, PyTorch divides a tensor by a Python
 // number as a multiplication by the float reciprocal (div_true_kernel_cuda), so the reference
 // computes absmax * fl(1/7); this mirrors it.
-__device__ __forceinline__ float fit_scale(float absmax) {
-  const float s = __half2float(__float2half_rn(__fmul_rn(absmax, 1.0f / 7.0f)));
+// top = max(w, 0), bottom = max(-w, 0) over the group's kept weights.
+__device__ __forceinline__ float fit_scale(float top, float bottom) {
+  const float s = __half2float(__float2half_rn(__fmul_rn(fmaxf(top, bottom), 1.0f / 7.0f)));
   return s > 0.0f ? s : 1.0f;
+}
+
+// int4_grid.fit_scale "signed": the smallest |scale| whose grid scale * (-8 .. 7) holds the group,
+// negative when the larger magnitude is positive (ties keep the positive scale).
+__device__ __forceinline__ float fit_signed_scale(float top, float bottom) {
+  const float positive = fmaxf(__fmul_rn(bottom, 0.125f), __fmul_rn(top, 1.0f / 7.0f));
+  const float negative = fmaxf(__fmul_rn(top, 0.125f), __fmul_rn(bottom, 1.0f / 7.0f));
+  const float s = __half2float(__float2half_rn(negative < positive ? -negative : positive));
+  return s != 0.0f ? s : 1.0f;
 }
 
 // int4_grid.fake_quantize: nearest grid point (round half to even), codes clamped to -8..7.
@@ -145,16 +155,25 @@ obs_block_kernel(const PPObsBlockArgs a) {
         const int beyond = i + g - count;  // > 0: the group continues into `tail`
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-          float mx = 0.0f;
+          float top = 0.0f, bottom = 0.0f;
 #pragma unroll
           for (int k2 = 0; k2 < kChunks; ++k2) {
             const int c = 32 * k2 + lane;
-            if (c >= i && c < end && !((pbits[r] >> k2) & 1u)) mx = fmaxf(mx, fabsf(w[r][k2]));
+            if (c >= i && c < end && !((pbits[r] >> k2) & 1u)) {
+              top = fmaxf(top, w[r][k2]);
+              bottom = fmaxf(bottom, -w[r][k2]);
+            }
           }
           if (beyond > 0 && valid[r]) {
-            for (int t = lane; t < beyond; t += 32) mx = fmaxf(mx, fabsf(a.tail[row[r] * a.ld_tail + t]));
+            for (int t = lane; t < beyond; t += 32) {
+              const float v = a.tail[row[r] * a.ld_tail + t];
+              top = fmaxf(top, v);
+              bottom = fmaxf(bottom, -v);
+            }
           }
-          scale[r] = fit_scale(warp_max(mx));
+          top = warp_max(top);
+          bottom = warp_max(bottom);
+          scale[r] = a.signed_scales ? fit_signed_scale(top, bottom) : fit_scale(top, bottom);
           if (lane == 0 && valid[r]) a.block_scales[row[r] * a.nstarts + (j / g - first_group)] = scale[r];
         }
       }

@@ -84,6 +84,7 @@ typedef struct {
   int tail_cols;
   float* block_scales;         // [rows, nstarts] contiguous out: scales of groups starting here
   int nstarts;
+  int signed_scales;           // 0: min-max fit, 1: int4_grid's "signed" fit
   // INT4 with static scales (act-order with static groups), exclusive with groupsize > 0:
   const float* static_scales;  // [rows, *], ld_static
   int64_t ld_static;

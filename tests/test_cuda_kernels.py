@@ -178,9 +178,10 @@ def test_obs_sweep_nm(monkeypatch, rows, cols, nm):
     [(256, 64, 128), (256, 128, 128), (512, 256, 128), (200, 200, 128), (384, 128, 64), (256, 32, 32)],
 )
 @pytest.mark.parametrize("pattern", [{}, {"sparsity": 0.5}, {"nm": (2, 4)}])
-def test_obs_sweep_int4(monkeypatch, cols, groupsize, blocksize, pattern):
+@pytest.mark.parametrize("scale_fit", ["minmax", "signed"])
+def test_obs_sweep_int4(monkeypatch, cols, groupsize, blocksize, pattern, scale_fit):
     got, _ = sweep_case(monkeypatch, 70, cols, torch.bfloat16, blocksize=blocksize,
-                        quant=QuantSpec(groupsize=groupsize), **pattern)
+                        quant=QuantSpec(groupsize=groupsize, scale_fit=scale_fit), **pattern)
     # every kept weight on the INT4 grid (-1: one group per row)
     int4_grid.encode(got.weight, got.scales, -1 if groupsize == cols else groupsize)
 

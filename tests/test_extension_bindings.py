@@ -233,7 +233,7 @@ class KernelContract:
         self.calls = []
 
     def obs_block(self, W1, U1, prune1, n, m, col0, groupsize, carry_scale=None, tail=None,
-                  static_scales=None, group_index=None):
+                  static_scales=None, group_index=None, signed_scales=False):
         rows, count = W1.shape
         assert count <= 128 and U1.shape == (count, count) and prune1.dtype == torch.bool
         g = groupsize
@@ -260,7 +260,7 @@ class KernelContract:
                 if beyond > 0:
                     assert tail is not None and tail.shape[1] >= beyond
                     group = torch.cat([group, tail[:, :beyond]], dim=1)
-                scale = int4_grid.fit_scale(group).flatten()
+                scale = int4_grid.fit_scale(group, "signed" if signed_scales else "minmax").flatten()
                 block_scales[:, starts.index(j)] = scale
             w, p = W[:, i], prune1[:, i]
             q = w.masked_fill(p, 0.0)
@@ -299,9 +299,11 @@ def sweep_with_contract(monkeypatch, W, U, **kwargs):
     [(256, 64, 128), (512, 256, 128), (200, 200, 128), (384, 128, 64), (96, 32, 32)],
 )
 @pytest.mark.parametrize("pattern", [{}, {"sparsity": 0.5}, {"nm": (2, 4)}])
-def test_sweep_glue_quantized(monkeypatch, cols, groupsize, blocksize, pattern):
+@pytest.mark.parametrize("scale_fit", ["minmax", "signed"])
+def test_sweep_glue_quantized(monkeypatch, cols, groupsize, blocksize, pattern, scale_fit):
     W, U = torch.randn(12, cols), upper_factor(cols)
-    calls = sweep_with_contract(monkeypatch, W, U, blocksize=blocksize, quant=QuantSpec(groupsize), **pattern)
+    calls = sweep_with_contract(monkeypatch, W, U, blocksize=blocksize, quant=QuantSpec(groupsize, scale_fit=scale_fit),
+                                **pattern)
     assert len(calls) == -(-cols // blocksize)
     for call in calls:
         assert call["carry"] == bool(call["col0"] % groupsize)

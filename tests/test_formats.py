@@ -78,6 +78,7 @@ def test_int4_round_trip_exact(groupsize):
     w = torch.randn(n, k)
     codes, scales = rtn_codes(w, groupsize)
     codes[0, :8] = torch.tensor([-8, -7, -1, 0, 1, 6, 7, -8], dtype=torch.int8)  # full range
+    scales[1::3] = -scales[1::3]  # signed scale fits give negative scales
     p = pack_int4(codes, scales, groupsize)
     g = k if groupsize == -1 else groupsize
     assert p.qweight.shape == (n, k // 8) and p.qweight.dtype == torch.int32
@@ -116,6 +117,9 @@ def test_int4_refuses_bad_codes_and_scales():
     bad[1, 1] = 0.1  # not representable in float16
     with pytest.raises(PatternError, match=r"row 1, group 1"):
         pack_int4(codes, bad, 32)
+    bad[1, 1] = 0.0  # a zero scale would erase its group
+    with pytest.raises(PatternError, match=r"nonzero.*row 1, group 1 holds 0.0"):
+        pack_int4(codes, bad, 32)
     with pytest.raises(ValueError, match="groupsize=48"):
         pack_int4(codes, scales, 48)
 
@@ -143,6 +147,9 @@ def test_sparse24_int4_round_trip_exact(groupsize):
     ref_codes, ref_scales = rtn_codes(w, groupsize)
     assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
     assert not codes[w == 0].any()  # pruned weights stay exactly zero
+    scales[::2] = -scales[::2]  # signed scales round-trip too
+    p = pack_sparse24_int4(codes, scales, groupsize)
+    assert all(torch.equal(a, b) for a, b in zip(p.unpack(), (codes, scales)))
     again = pack_sparse24_int4(codes, scales, groupsize)
     for a, b in zip(again.tensors().values(), p.tensors().values()):
         assert torch.equal(a, b)

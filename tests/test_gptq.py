@@ -47,7 +47,7 @@ def W():
 def assert_on_grid(result):
     codes, scales, g = result.qweight, result.scales, result.groupsize
     assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
-    assert (scales > 0).all() and torch.equal(scales.to(torch.float16).float(), scales)
+    assert (scales != 0).all() and torch.equal(scales.to(torch.float16).float(), scales)
     assert torch.equal(result.weight, codes.float() * scales.repeat_interleave(g, dim=1))
 
 
@@ -81,12 +81,27 @@ def test_mse_scales_lower_the_loss(W, stats, pattern):
         assert run("mse", act_order=True).loss < run("minmax", act_order=True).loss
 
 
+@pytest.mark.parametrize("pattern", [None, SparsityPattern(0.5)])
+def test_signed_scales_lower_the_loss(W, stats, pattern):
+    def run(scale_fit):
+        if pattern is None:
+            return quantize_layer(W, stats, method="gptq", groupsize=64, scale_fit=scale_fit, act_order=True)
+        return prune_and_quantize(W, stats, pattern, groupsize=64, scale_fit=scale_fit)
+
+    minmax, signed = run("minmax"), run("signed")
+    assert_on_grid(signed)
+    assert (signed.scales < 0).any() and (signed.scales > 0).any()
+    assert signed.loss < (0.9 if pattern is None else 0.99) * minmax.loss, (minmax.loss, signed.loss)
+
+
 def test_mse_fitted_in_the_sweep_skips_the_fused_kernel():
     from pyprune.ops.obs_sweep import QuantSpec, _kernel_fits
 
     W1 = torch.zeros(8, 128)
     assert _kernel_fits(W1, None, QuantSpec(64))
-    assert not _kernel_fits(W1, None, QuantSpec(64, scale_fit="mse"))  # the kernel fits min-max only
+    assert _kernel_fits(W1, None, QuantSpec(64, scale_fit="signed"))
+    assert not _kernel_fits(W1, None, QuantSpec(64, scale_fit="mse"))  # the kernel has no mse search
+    assert not _kernel_fits(W1, None, QuantSpec(64, scale_fit="signed-mse"))
     static = QuantSpec(64, static_scales=torch.ones(8, 2), group_of_column=torch.arange(128) // 64, scale_fit="mse")
     assert _kernel_fits(W1, None, static)  # static scales were fitted before the sweep
 

@@ -25,7 +25,7 @@ def assert_on_grid(result):
     codes, scales, g = result.qweight, result.scales, result.groupsize
     assert codes.dtype == torch.int8
     assert int(codes.min()) >= -8 and int(codes.max()) <= 7
-    assert scales.dtype == torch.float32 and (scales > 0).all()
+    assert scales.dtype == torch.float32 and (scales != 0).all()  # signed fits give negative scales
     assert torch.equal(scales.to(torch.float16).float(), scales), "scales must be fp16-exact"
     assert scales.shape == (codes.shape[0], codes.shape[1] // g)
     expected = codes.float() * scales.repeat_interleave(g, dim=1)
@@ -111,6 +111,43 @@ def test_mse_scale_fit_weighs_columns():
     # Only the outlier counts: it must land exactly on the grid (20 = 7 * scale is min-max).
     assert torch.equal(exact_outlier, int4_grid.fit_scale(w, "minmax"))
     assert torch.equal(int4_grid.fit_scale(torch.zeros(3, 8), "mse"), torch.ones(3, 1))
+
+
+def test_signed_scale_fit_uses_all_16_levels_without_clipping():
+    W = random_weight(rows=64, cols=256, seed=5)
+    g = 32
+    minmax = quantize_layer(W, None, method="rtn", groupsize=g)
+    signed = quantize_layer(W, None, method="rtn", groupsize=g, scale_fit="signed")
+    assert_on_grid(signed)
+    groups, codes = W.reshape(64, -1, g), signed.qweight.reshape(64, -1, g)
+    # The side of zero holding the largest magnitude gets the 8th level: the scale's sign is
+    # opposite to that weight's, so the weight's code is negative.
+    extreme = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True)).squeeze(2)
+    assert torch.equal(torch.sign(signed.scales), -torch.sign(extreme))
+    assert (codes.min(dim=2).values == -8).float().mean() > 0.5  # -8 is used, not only reachable
+    # Never a coarser grid than min-max's, and nothing clipped: error at most half a step.
+    assert (signed.scales.abs() <= minmax.scales).all() and (signed.scales.abs() < minmax.scales).float().mean() > 0.9
+    step = signed.scales.abs().repeat_interleave(g, dim=1)
+    assert ((W - signed.weight).abs() <= 0.5 * step * 1.01 + 1e-7).all()
+    err = {fit: float((r.weight - W).pow(2).sum()) for fit, r in (("minmax", minmax), ("signed", signed))}
+    assert err["signed"] < 0.9 * err["minmax"], err
+    # Both signs are used, and a group whose largest magnitude is positive maps it to -8 exactly.
+    w = torch.tensor([[0.0, 1.0, -0.5, 8.0]])
+    assert float(int4_grid.fit_scale(w, "signed")) == -1.0
+    assert torch.equal(int4_grid.fit_scale(-w, "signed"), torch.ones(1, 1))
+    assert torch.equal(int4_grid.fit_scale(torch.zeros(3, 8), "signed"), torch.ones(3, 1))
+
+
+def test_signed_mse_never_rounds_worse_than_signed():
+    W = random_weight(rows=64, cols=128, seed=3)
+    W[:, 5] *= 6.0
+    signed = quantize_layer(W, None, method="rtn", groupsize=32, scale_fit="signed")
+    mse = quantize_layer(W, None, method="rtn", groupsize=32, scale_fit="signed-mse")
+    assert_on_grid(mse)
+    err_signed = (signed.weight - W).pow(2).reshape(64, -1, 32).sum(-1)
+    err_mse = (mse.weight - W).pow(2).reshape(64, -1, 32).sum(-1)
+    assert (err_mse <= err_signed).all() and float(err_mse.sum()) < 0.95 * float(err_signed.sum())
+    assert torch.equal(torch.sign(mse.scales), torch.sign(signed.scales))  # the search only shrinks
 
 
 def test_bad_arguments_are_refused():

@@ -29,6 +29,16 @@ def test_refinement_lowers_gptq_loss_and_stays_on_grid(groupsize, act_order):
     assert not torch.equal(refined.scales, plain.scales)  # the scale solve moved some scales
 
 
+def test_refinement_keeps_the_sign_of_signed_scales():
+    W, stats = WEIGHT, STATS
+    plain = prune_and_quantize(W, stats, SparsityPattern(0.5), groupsize=64, scale_fit="signed")
+    refined = prune_and_quantize(W, stats, SparsityPattern(0.5), groupsize=64, scale_fit="signed", refine_rounds=2)
+    assert_on_grid(refined)
+    assert torch.equal(torch.sign(refined.scales), torch.sign(plain.scales)) and (plain.scales < 0).any()
+    assert not torch.equal(refined.scales, plain.scales)
+    assert refined.loss < plain.loss
+
+
 def test_each_round_never_raises_the_loss():
     W, stats = WEIGHT, STATS
     H = int4_refine.dampened(stats.H, 0.01)

@@ -207,11 +207,12 @@ def _scale_for_column(quant, scales, W1, prune1, W, i, j, i2, scale, fit_weight=
 # lives in shared memory) and N:M groups whose size divides the warp width.
 _KERNEL_MAX_COLS = 128
 _KERNEL_GROUPS = (2, 4, 8, 16, 32)
+_KERNEL_FITS = ("minmax", "signed")
 
 
 def _kernel_fits(W1, nm, quant):
-    # The kernel fits scales in-kernel by min-max only; static scales are fitted before the sweep.
-    fit_ok = quant is None or quant.scale_fit == "minmax" or quant.static_scales is not None
+    # The kernel fits scales by min-max or "signed" (no mse search); static scales are fitted before the sweep.
+    fit_ok = quant is None or quant.scale_fit in _KERNEL_FITS or quant.static_scales is not None
     return (W1.dtype == torch.float32 and W1.shape[1] <= _KERNEL_MAX_COLS and fit_ok
             and (nm is None or nm[1] in _KERNEL_GROUPS))
 
@@ -232,8 +233,10 @@ def _sweep_block_cuda(ext, W1, U1, prune1, nm, quant, scales, W, i1, i2, scale):
         last_start = (i2 - 1) // g * g
         if last_start >= i1 and last_start + g > i2:
             tail = W[:, i2:last_start + g]
+    signed = quant is not None and quant.scale_fit == "signed"
     Q1, Err1, loss, block_scales = ext.obs_block(
-        W1, U1, prune1, n, m, i1, g, carry_scale=carry, tail=tail, static_scales=static, group_index=group_index
+        W1, U1, prune1, n, m, i1, g, carry_scale=carry, tail=tail, static_scales=static, group_index=group_index,
+        signed_scales=signed,
     )
     if g and block_scales.shape[1]:
         first = -(-i1 // g)
