@@ -154,6 +154,14 @@ for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256
     for _fit in ("signed", "signed-mse"):
         CONFIGS[f"{_name}-{_fit}"] = CONFIGS[_name] + ["--scale-fit", _fit]
 
+# "-teacher": GPTQ calibrated against the pruned, unquantized model (--int4-teacher, pyprune.ops.teacher),
+# after the same pruning as the configuration without INT4.
+for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-act-refine",
+              "sparsegpt-2of4-int4-g64-sink256-act-refine"):
+    for _fit in ("", "-signed"):
+        CONFIGS[f"{_name}-teacher{_fit}"] = CONFIGS[_name] + ["--int4-teacher"] + (
+            ["--scale-fit", _fit[1:]] if _fit else [])
+
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order,
 # those without "-refine" ran before the refinement, and those naming no scale fit used min-max scales.
 for _flags in CONFIGS.values():

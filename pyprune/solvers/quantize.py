@@ -12,6 +12,7 @@ import torch
 
 from pyprune.ops import int4_grid, int4_refine
 from pyprune.ops.obs_sweep import QuantSpec
+from pyprune.ops.teacher import teacher_target
 from pyprune.solvers import gptq, rtn, sparsegpt
 from pyprune.solvers.base import LayerStats, SolverResult
 from pyprune.solvers.compressed_size import StorageCost, layer_storage, total_storage
@@ -105,6 +106,7 @@ def sparsegpt_int4_solver(groupsize: int = 128, scale_fit: str = "minmax", refin
         info = dict(q.info, quant_result=q)
         return SolverResult(q.weight, q.pruned, q.loss, info)
 
+    solve.joint_int4 = True  # pruning and INT4 in one sweep: no pruned, unquantized weight exists
     return solve
 
 
@@ -132,8 +134,17 @@ class LayerQuantizer:
 
     def __call__(self, name, W_pruned, solver_result, stats):
         q = solver_result.info.get("quant_result")
+        teacher = stats is not None and stats.cross is not None
+        if q is not None and teacher:
+            raise ValueError(f"{name}: the joint SparseGPT + INT4 sweep cannot be calibrated against a teacher")
+        teacher_fields = {}
         if q is None:
-            q = quantize_layer(W_pruned, stats, method=self.method, groupsize=self.groupsize,
+            target = W_pruned
+            if teacher:  # GPTQ towards the teacher's outputs on the teacher's inputs
+                target = teacher_target(W_pruned, stats.H, stats.cross, self.options.get("damp", 0.01))
+                shift = float((target - W_pruned.float()).norm() / W_pruned.float().norm().clamp_min(1e-30))
+                teacher_fields = {"int4_teacher": True, "teacher_target_shift": shift}
+            q = quantize_layer(target, stats, method=self.method, groupsize=self.groupsize,
                                act_order=self.act_order, pruned=solver_result.pruned, **self.options)
             if not torch.equal(q.pruned, solver_result.pruned):
                 raise AssertionError(f"{name}: quantization changed the sparsity mask")
@@ -154,6 +165,7 @@ class LayerQuantizer:
         }
         if "refine_loss_ratio" in q.info:
             fields["refine_loss_ratio"] = q.info["refine_loss_ratio"]
+        fields.update(teacher_fields)
         return q.weight, fields
 
     def storage(self) -> StorageCost:
