@@ -106,11 +106,14 @@ def _add_quant_args(p):
     g.add_argument("--groupsize", type=int, default=128, help="INT4 columns per scale (32, 64, 128, 256; -1 per channel)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ in decreasing Hessian-diagonal order, static groups, after pruning (default: "
-                        "on, except with --method sparsegpt, which then prunes and quantizes in one sweep)")
+                        "on, except with --method sparsegpt without --int4-teacher, which then prunes and "
+                        "quantizes in one sweep)")
     g.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"], help="INT4 quantizer")
     g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
-                   help="INT4 group scales: minmax (max|w|/7) or mse (search of shrunk scales for the "
-                        "smallest rounding error; on GPU the fitted-scale sweep then runs unfused)")
+                   help="INT4 group scales: minmax (max|w|/7), signed (the sign of the scale gives the 8th "
+                        "level to the side of the largest magnitude: all 16 levels), or mse / signed-mse (search "
+                        "of shrunk scales for the smallest rounding error; on GPU the fitted-scale sweep then "
+                        "runs unfused)")
     g.add_argument("--refine-rounds", type=int, default=None, metavar="N",
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
                         "(least squares) after the sweep; never raises the layer loss "
