@@ -157,7 +157,8 @@ for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256
 # "-teacher": GPTQ calibrated against the pruned, unquantized model (--int4-teacher, pyprune.ops.teacher),
 # after the same pruning as the configuration without INT4.
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-act-refine",
-              "sparsegpt-2of4-int4-g64-sink256-act-refine"):
+              "sparsegpt-2of4-int4-g64-sink256-act-refine", "admm-grad-2of4-int4-g64-sink256-act-refine",
+              "admm-grad-50-int4-g64-sink256-act-refine", "admm-grad-70-hessian-int4-g64-act-refine"):
     for _fit in ("", "-signed"):
         CONFIGS[f"{_name}-teacher{_fit}"] = CONFIGS[_name] + ["--int4-teacher"] + (
             ["--scale-fit", _fit[1:]] if _fit else [])

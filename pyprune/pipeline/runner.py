@@ -170,11 +170,12 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
             full_name = f"{prefix}.{index}.{name}"
             bar.set_postfix_str(name)
             pattern = schedule.pattern_for(index, name)
-            solved[name], teacher_weights[name] = _solve_one(
+            solved[name], solver_weight = _solve_one(
                 full_name, module, solve, stats[name], pattern, solver_options, post_solve,
-                quant_stats[name] if quant_stats is not None else None)
+                quant_stats[name] if teacher else None)
             stats[name] = None  # free the Hessian as soon as it is used
-            if quant_stats is not None:
+            if teacher:  # the teacher's layer runs with the pruned, unquantized weights
+                teacher_weights[name] = solver_weight
                 quant_stats[name] = None
         layer_records = list(solved.values())
         if dist is not None:
