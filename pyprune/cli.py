@@ -9,6 +9,7 @@ import torch
 
 from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
+from pyprune.solvers.quantize import DEFAULT_TEACHER_DAMP
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "none")
@@ -122,6 +123,9 @@ def _add_quant_args(p):
                    help="GPTQ: calibrate each Linear against the pruned, unquantized model (its outputs on its "
                         "own inputs) rather than on the quantized model's drifted inputs; prunes exactly as "
                         "without INT4, then quantizes (no joint sweep); two activation streams")
+    g.add_argument("--teacher-damp", type=float, default=None, metavar="F",
+                   help="--int4-teacher: dampening of the target's least-squares solve, x mean diag H "
+                        "(default %s; smaller fits the calibration data harder)" % DEFAULT_TEACHER_DAMP)
 
 
 def build_parser():
@@ -282,6 +286,8 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
         raise ValueError("--refine-rounds is a GPTQ option; it cannot be used with --quant-method rtn")
     if args.refine_rounds < 0:
         raise ValueError(f"--refine-rounds {args.refine_rounds}: must be >= 0 (0 = no refinement)")
+    if args.teacher_damp is not None and not (args.int4_teacher and args.teacher_damp > 0):
+        raise ValueError(f"--teacher-damp {args.teacher_damp}: needs --int4-teacher and a value > 0")
     if args.int4_teacher:
         if not (args.wbits == 4 and args.quant_method == "gptq"):
             raise ValueError("--int4-teacher calibrates GPTQ: it needs --wbits 4 and --quant-method gptq")
@@ -349,7 +355,9 @@ def _solver_and_options(args, target):
                    "precision": args.admm_precision}
     quantizer = None
     if args.wbits == 4:
+        teacher_damp = DEFAULT_TEACHER_DAMP if args.teacher_damp is None else args.teacher_damp
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
+                                   teacher_damp=teacher_damp,
                                    scale_fit=args.scale_fit,
                                    **({"damp": args.damp, "blocksize": args.blocksize,
                                        "refine_rounds": args.refine_rounds}
@@ -471,6 +479,7 @@ def cmd_prune(args):
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
                                   "refine_rounds": args.refine_rounds, "int4_teacher": args.int4_teacher,
+                                  "teacher_damp": quantizer.teacher_damp if args.int4_teacher else None,
                                   "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:
