@@ -123,7 +123,9 @@ class LayerQuantizer:
     joint sweep (``info["quant_result"]``), takes its result as is. The codes, scales and mask of
     every Linear are kept (on CPU, as :class:`QuantCodes`) in ``self.results[name]`` for the
     sidecar (``pyprune.formats.quant_state``) and the INT4 modules (``quant_state=``).
-    ``nm=(n, m)`` makes the storage accounting use the N:M layout.
+    ``nm=(n, m)`` makes the storage accounting use the N:M layout. Statistics that carry a teacher
+    cross term (``stats.cross``, teacher calibration) make GPTQ aim at the teacher target
+    (``pyprune.ops.teacher``, its solve dampened by ``teacher_damp`` x mean diag H).
     """
 
     needs_statistics = True
