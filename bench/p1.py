@@ -154,17 +154,6 @@ for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256
     for _fit in ("signed", "signed-mse"):
         CONFIGS[f"{_name}-{_fit}"] = CONFIGS[_name] + ["--scale-fit", _fit]
 
-# "-teacher": GPTQ calibrated against the pruned, unquantized model (--int4-teacher, pyprune.ops.teacher),
-# after the same pruning as the configuration without INT4.
-for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-act-refine",
-              "sparsegpt-2of4-int4-g64-sink256-act-refine", "admm-grad-2of4-int4-g64-sink256-act-refine",
-              "admm-grad-50-int4-g64-sink256-act-refine", "admm-grad-70-hessian-int4-g64-act-refine"):
-    for _fit in ("", "-signed"):
-        CONFIGS[f"{_name}-teacher{_fit}"] = CONFIGS[_name] + ["--int4-teacher", "--teacher-damp", "0.01"] + (
-            ["--scale-fit", _fit[1:]] if _fit else [])
-    for _damp in ("0.1", "1", "10"):  # the dampening of the teacher target's solve (0.01 above)
-        CONFIGS[f"{_name}-teacher-d{_damp}"] = CONFIGS[_name] + ["--int4-teacher", "--teacher-damp", _damp]
-
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order,
 # those without "-refine" ran before the refinement, and those naming no scale fit used min-max scales.
 for _flags in CONFIGS.values():

@@ -9,7 +9,6 @@ import torch
 
 from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
-from pyprune.solvers.quantize import DEFAULT_TEACHER_DAMP
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "none")
@@ -107,8 +106,7 @@ def _add_quant_args(p):
     g.add_argument("--groupsize", type=int, default=128, help="INT4 columns per scale (32, 64, 128, 256; -1 per channel)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ in decreasing Hessian-diagonal order, static groups, after pruning (default: "
-                        "on, except with --method sparsegpt without --int4-teacher, which then prunes and "
-                        "quantizes in one sweep)")
+                        "on, except with --method sparsegpt, which then prunes and quantizes in one sweep)")
     g.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"], help="INT4 quantizer")
     g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
                    help="INT4 group scales: minmax (max|w|/7), signed (the sign of the scale gives the 8th "
@@ -119,13 +117,6 @@ def _add_quant_args(p):
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
                         "(least squares) after the sweep; never raises the layer loss "
                         f"(default {int4_refine.DEFAULT_ROUNDS} with GPTQ, 0 = off)")
-    g.add_argument("--int4-teacher", action="store_true",
-                   help="GPTQ: calibrate each Linear against the pruned, unquantized model (its outputs on its "
-                        "own inputs) rather than on the quantized model's drifted inputs; prunes exactly as "
-                        "without INT4, then quantizes (no joint sweep); two activation streams")
-    g.add_argument("--teacher-damp", type=float, default=None, metavar="F",
-                   help="--int4-teacher: dampening of the target's least-squares solve, x mean diag H "
-                        "(default %s; smaller fits the calibration data harder)" % DEFAULT_TEACHER_DAMP)
 
 
 def build_parser():
@@ -286,16 +277,6 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
         raise ValueError("--refine-rounds is a GPTQ option; it cannot be used with --quant-method rtn")
     if args.refine_rounds < 0:
         raise ValueError(f"--refine-rounds {args.refine_rounds}: must be >= 0 (0 = no refinement)")
-    if args.teacher_damp is not None and not (args.int4_teacher and args.teacher_damp > 0):
-        raise ValueError(f"--teacher-damp {args.teacher_damp}: needs --int4-teacher and a value > 0")
-    if args.int4_teacher:
-        if not (args.wbits == 4 and args.quant_method == "gptq"):
-            raise ValueError("--int4-teacher calibrates GPTQ: it needs --wbits 4 and --quant-method gptq")
-        from pyprune.pipeline.distributed import world_size_from_env
-
-        if args.stream or args.activations == "disk" or world_size_from_env() > 1:
-            raise ValueError("--int4-teacher keeps two activation streams in memory: it cannot be used with "
-                             "--stream, --activations disk or a distributed run")
 
 
 def _self_calib_options(args):
@@ -355,16 +336,14 @@ def _solver_and_options(args, target):
                    "precision": args.admm_precision}
     quantizer = None
     if args.wbits == 4:
-        teacher_damp = DEFAULT_TEACHER_DAMP if args.teacher_damp is None else args.teacher_damp
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
-                                   teacher_damp=teacher_damp,
                                    scale_fit=args.scale_fit,
                                    **({"damp": args.damp, "blocksize": args.blocksize,
                                        "refine_rounds": args.refine_rounds}
                                       if args.quant_method == "gptq" else {}))
         if method == "none":
             method = no_pruning
-        elif method == "sparsegpt" and args.quant_method == "gptq" and not args.act_order and not args.int4_teacher:
+        elif method == "sparsegpt" and args.quant_method == "gptq" and not args.act_order:
             # prune and quantize in one sweep
             method = sparsegpt_int4_solver(args.groupsize, args.scale_fit, args.refine_rounds)
     return method, options, quantizer
@@ -402,7 +381,7 @@ def cmd_prune(args):
         # Under P1 on SmolLM2-135M (README, pruning with INT4): act-order beat the plain column
         # order, with and without pruning (its static groups cost nothing at inference), except
         # for SparseGPT, where the joint sweep followed by the refinement beat both.
-        args.act_order = gptq and (args.method != "sparsegpt" or args.int4_teacher)
+        args.act_order = gptq and args.method != "sparsegpt"
     if args.refine_rounds is None:
         args.refine_rounds = int4_refine.DEFAULT_ROUNDS if gptq else 0
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
@@ -449,7 +428,7 @@ def cmd_prune(args):
     options = RunOptions(device=device, activations=args.activations, activations_dir=args.activations_dir,
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
                          show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,
-                         sink_weight=args.sink_weight, int4_teacher=args.int4_teacher,
+                         sink_weight=args.sink_weight,
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
     if args.stream:
@@ -478,9 +457,7 @@ def cmd_prune(args):
         cost = quantizer.storage()
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
-                                  "refine_rounds": args.refine_rounds, "int4_teacher": args.int4_teacher,
-                                  "teacher_damp": quantizer.teacher_damp if args.int4_teacher else None,
-                                  "bits_per_weight": cost.bits_per_weight,
+                                  "refine_rounds": args.refine_rounds, "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:
         return report  # rank 0 writes the model and the report

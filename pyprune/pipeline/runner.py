@@ -5,11 +5,6 @@
 3. For each decoder layer, alone on the compute device: run it with hooks that accumulate each
    Linear's Hessian; let the schedule see the statistics; call the solver on every Linear; run
    the pruned layer again to produce the next layer's inputs; save progress.
-
-With ``int4_teacher`` a second stream of activations runs beside the first: the teacher, the
-model pruned but not quantized. The pruning solver works on the teacher's statistics (so masks and
-pruned weights are those of the same run without INT4), and the quantizer on the quantized
-model's own Hessian plus its cross term with the teacher's inputs (``pyprune.ops.teacher``).
 """
 import contextlib
 import hashlib
@@ -30,9 +25,7 @@ from pyprune.models.families import (
 from pyprune.pipeline.activations import ActivationStore, check_storage, estimate_for_run, format_estimate
 from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
-from pyprune.pipeline.statistics import (
-    HessianCollector, InputNormCollector, PairedCollector, StatisticsComplete, TeacherCollector, check_sink_weight,
-)
+from pyprune.pipeline.statistics import HessianCollector, InputNormCollector, StatisticsComplete, check_sink_weight
 from pyprune.solvers import get_solver, statistics_needed
 from pyprune.solvers.base import LayerStats, output_energy, reconstruction_loss
 
@@ -54,9 +47,6 @@ class RunOptions:
     # The first token of each calibration window counts as this many tokens in the statistics
     # (pipeline.statistics: the attention sink); 1 = plain token average.
     sink_weight: float = 1.0
-    # Calibrate the quantizer (post_solve) against the pruned, unquantized model's inputs
-    # (pyprune.ops.teacher) instead of the quantized model's own.
-    int4_teacher: bool = False
 
     def __post_init__(self):
         check_storage(self.activations)
@@ -99,9 +89,6 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     needs_stats = statistics is not None
     if needs_stats and tokens is None:
         raise ValueError(f"method {method!r} needs calibration data")
-    teacher = options.int4_teacher
-    if teacher:
-        _check_teacher_run(solve, post_solve, statistics, options, layer_io)
     device = torch.device(options.device)
     store = ActivationStore(options.activations, device, options.activations_dir)
     dist = options.distributed
@@ -145,24 +132,19 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
         with layer_io.capturing(local_tokens) if layer_io is not None else contextlib.nullcontext():
             fresh, kwargs = store.capture(model, local_tokens, options.batch_size)
         inputs = fresh if inputs is None else store.adopt(inputs)
-    teacher_inputs = inputs.clone() if teacher else None  # both models see the same layer-0 inputs
 
     bar = tqdm(range(first, len(layers)), desc="layers", disable=not options.show_progress)
     for index in bar:
         layer = (layer_io.load_layer(index) if layer_io is not None else layers[index]).to(device)
         linears = prunable_linears(layer)
         stats = {name: None for name, _ in linears}
-        quant_stats = None  # the quantizer's statistics, when they differ from the solver's
-        if teacher:
-            stats, quant_stats = _collect_paired_statistics(layer, linears, teacher_inputs, inputs, kwargs, options,
-                                                            device, store)
-        elif needs_stats:
+        if needs_stats:
             stats = _collect_statistics(statistics, layer, linears, inputs, kwargs, options, device, store)
             if dist is not None:
                 dist.reduce_statistics(stats)  # every rank now holds the statistics of all windows
         schedule.observe(index, stats, {name: weight_matrix(m) for name, m in linears})
         owners = dist.assign(linears) if dist is not None else None
-        solved, teacher_weights = {}, {}
+        solved = {}
         for name, module in linears:
             if owners is not None and owners[name] != dist.rank:
                 stats[name] = None  # solved by another rank
@@ -170,21 +152,13 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
             full_name = f"{prefix}.{index}.{name}"
             bar.set_postfix_str(name)
             pattern = schedule.pattern_for(index, name)
-            solved[name], solver_weight = _solve_one(
-                full_name, module, solve, stats[name], pattern, solver_options, post_solve,
-                quant_stats[name] if teacher else None)
+            solved[name] = _solve_one(full_name, module, solve, stats[name], pattern, solver_options, post_solve)
             stats[name] = None  # free the Hessian as soon as it is used
-            if teacher:  # the teacher's layer runs with the pruned, unquantized weights
-                teacher_weights[name] = solver_weight
-                quant_stats[name] = None
         layer_records = list(solved.values())
         if dist is not None:
             layer_records = dist.share_solved(linears, owners, solved, post_solve, name_prefix=f"{prefix}.{index}.")
         records.extend(layer_records)
         if needs_stats and index + 1 < len(layers):
-            if teacher:
-                with _weights_swapped(linears, teacher_weights):
-                    teacher_inputs = _forward_all(layer, teacher_inputs, kwargs, options.batch_size, device, store)
             inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device, store)
         if layer_io is not None:
             layer_io.store_layer(index, layer)  # written out, memory released
@@ -230,52 +204,6 @@ def _collect_statistics(kind, layer, linears, inputs, kwargs, options, device, s
     return collector.stats
 
 
-def _check_teacher_run(solve, post_solve, statistics, options, layer_io):
-    """Teacher calibration needs a quantizer with statistics and two activation streams in memory."""
-    if post_solve is None or statistics != "hessian":
-        raise ValueError("int4_teacher needs a quantizer that reads calibration statistics (GPTQ) after the solver")
-    if getattr(solve, "joint_int4", False):
-        raise ValueError("int4_teacher cannot be used with the joint SparseGPT + INT4 sweep: it has no pruned, "
-                         "unquantized model to calibrate against (prune first, then quantize)")
-    if layer_io is not None or options.distributed is not None:
-        raise ValueError("int4_teacher is not supported in streamed or distributed runs")
-    if options.resume:
-        raise ValueError("int4_teacher runs cannot resume: the progress folder keeps one stream of activations")
-    if options.activations == "disk":
-        raise ValueError("int4_teacher keeps two streams of activations: use activations 'device' or 'cpu', not 'disk'")
-
-
-def _collect_paired_statistics(layer, linears, teacher_inputs, inputs, kwargs, options, device, store):
-    """``(teacher stats, own stats with cross terms)``: each batch runs through the layer twice, the
-    teacher's inputs first, then the same windows of the quantized model's own stream."""
-    theirs = TeacherCollector(linears, device, stop_when_complete=True, sink_weight=options.sink_weight)
-    own = PairedCollector(linears, device, theirs, stop_when_complete=True, sink_weight=options.sink_weight)
-    for start in range(0, inputs.shape[0], options.batch_size):
-        for collector, stream in ((theirs, teacher_inputs), (own, inputs)):
-            batch = store.batch(stream, start, options.batch_size, device)
-            with collector:  # hooks on for this forward only
-                try:
-                    run_layer(layer, batch, kwargs[batch.shape[0]])
-                except StatisticsComplete:
-                    pass
-    theirs.rows = {}
-    return theirs.stats, own.stats
-
-
-@contextlib.contextmanager
-def _weights_swapped(linears, weights):
-    """The layer's Linears temporarily hold ``weights`` (by name)."""
-    modules = dict(linears)
-    saved = {name: weight_matrix(modules[name]).clone() for name in weights}
-    for name, W in weights.items():
-        set_weight_matrix(modules[name], W.to(saved[name].dtype))
-    try:
-        yield
-    finally:
-        for name, W in saved.items():
-            set_weight_matrix(modules[name], W)
-
-
 def _forward_all(layer, inputs, kwargs, batch_size, device, store):
     outputs = store.empty_like(inputs)
     for start in range(0, inputs.shape[0], batch_size):
@@ -284,16 +212,13 @@ def _forward_all(layer, inputs, kwargs, batch_size, device, store):
     return outputs
 
 
-def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, solver_options, post_solve,
-               quant_stats: Optional[LayerStats] = None):
-    """Solve one Linear (then ``post_solve`` it, on ``quant_stats`` if given, else on ``stats``);
-    returns ``(report record, the solver's weight before post_solve)``."""
+def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, solver_options, post_solve):
     W = weight_matrix(module)
     t0 = time.time()
     result = solve(W, stats, pattern, **solver_options)
     W_new, extra = result.weight, {}
     if post_solve is not None:
-        W_new, extra = post_solve(full_name, W_new, result, stats if quant_stats is None else quant_stats)
+        W_new, extra = post_solve(full_name, W_new, result, stats)
     seconds = time.time() - t0
     W_new = W_new.to(W.dtype)
     relative_error = _relative_error(W, W_new, stats)  # W is a view: measure before writing
@@ -313,7 +238,7 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     record.update(extra)
     if relative_error is not None:
         record["relative_error"] = relative_error
-    return record, result.weight
+    return record
 
 
 def _relative_error(W, W_new, stats: Optional[LayerStats]) -> Optional[float]:

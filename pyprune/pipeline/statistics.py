@@ -21,7 +21,7 @@ the pruned weights to produce the next layer's inputs).
 import torch
 
 from pyprune.models.families import weight_matrix
-from pyprune.ops.hessian import accumulate_hessian, no_tf32
+from pyprune.ops.hessian import accumulate_hessian
 from pyprune.solvers.base import LayerStats
 
 
@@ -126,50 +126,6 @@ class HessianCollector(_InputHooks):
         # Keeping ``source`` referenced until the batch ends stops its memory from being
         # reused by a different tensor at the same address within this batch.
         self._owner_of_input[key] = (stats, source)
-
-
-class TeacherCollector(HessianCollector):
-    """The teacher's side of teacher calibration (``pyprune.ops.teacher``): its Hessians, plus the
-    sink-weighted input rows of the current batch (``rows[name]``) for :class:`PairedCollector`."""
-
-    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
-        super().__init__(linears, device, stop_when_complete, sink_weight)
-        self.rows = {}
-
-    def __enter__(self):
-        """Enter once per batch: the rows of the previous batch are dropped."""
-        self.rows = {}
-        return super().__enter__()
-
-    def _accumulate(self, name, source):
-        super()._accumulate(name, source)
-        self.rows[name] = sink_weighted_rows(source, self.sink_weight)
-
-
-class PairedCollector(HessianCollector):
-    """The quantized model's side: its Hessians and, in ``stats[name].cross``, the running mean
-    ``(2/n) sum x~ x^T`` of the teacher's rows of the same batch (``teacher.rows``) against its own.
-    Enter the teacher for a batch first, then this collector for the same windows of its own stream."""
-
-    def __init__(self, linears, device, teacher: TeacherCollector, stop_when_complete: bool = False,
-                 sink_weight: float = 1.0):
-        super().__init__(linears, device, stop_when_complete, sink_weight)
-        self.teacher = teacher
-        for stats in self.stats.values():
-            stats.cross = torch.zeros_like(stats.H)
-
-    def _accumulate(self, name, source):
-        stats = self.stats[name]
-        before = stats.nsamples
-        super()._accumulate(name, source)
-        x = sink_weighted_rows(source, self.sink_weight).float()
-        x_teacher = self.teacher.rows.get(name)
-        if x_teacher is None or x_teacher.shape != x.shape:
-            raise RuntimeError(f"{name}: the teacher's inputs for this batch are missing or differ in shape "
-                               "(run the teacher on the same batch first)")
-        with no_tf32():
-            stats.cross.mul_(before / stats.nsamples)
-            stats.cross.addmm_(x_teacher.float().t(), x, alpha=2.0 / stats.nsamples)
 
 
 class InputNormCollector(_InputHooks):

@@ -12,7 +12,6 @@ import torch
 
 from pyprune.ops import int4_grid, int4_refine
 from pyprune.ops.obs_sweep import QuantSpec
-from pyprune.ops.teacher import teacher_target
 from pyprune.solvers import gptq, rtn, sparsegpt
 from pyprune.solvers.base import LayerStats, SolverResult
 from pyprune.solvers.compressed_size import StorageCost, layer_storage, total_storage
@@ -106,13 +105,7 @@ def sparsegpt_int4_solver(groupsize: int = 128, scale_fit: str = "minmax", refin
         info = dict(q.info, quant_result=q)
         return SolverResult(q.weight, q.pruned, q.loss, info)
 
-    solve.joint_int4 = True  # pruning and INT4 in one sweep: no pruned, unquantized weight exists
     return solve
-
-
-# Dampening of the teacher target's solve (x mean diag H; pyprune.ops.teacher). The sweep's 0.01
-# let the correction fit calibration noise: the weights moved by 7-30 % and P1 perplexity exploded.
-DEFAULT_TEACHER_DAMP = 1.0
 
 
 class LayerQuantizer:
@@ -123,38 +116,24 @@ class LayerQuantizer:
     joint sweep (``info["quant_result"]``), takes its result as is. The codes, scales and mask of
     every Linear are kept (on CPU, as :class:`QuantCodes`) in ``self.results[name]`` for the
     sidecar (``pyprune.formats.quant_state``) and the INT4 modules (``quant_state=``).
-    ``nm=(n, m)`` makes the storage accounting use the N:M layout. Statistics that carry a teacher
-    cross term (``stats.cross``, teacher calibration) make GPTQ aim at the teacher target
-    (``pyprune.ops.teacher``, its solve dampened by ``teacher_damp`` x mean diag H).
+    ``nm=(n, m)`` makes the storage accounting use the N:M layout.
     """
 
     needs_statistics = True
 
     def __init__(self, method: str = "gptq", groupsize: int = 128, act_order: bool = False,
-                 nm: Optional[tuple] = None, teacher_damp: float = DEFAULT_TEACHER_DAMP, **options):
+                 nm: Optional[tuple] = None, **options):
         if method not in QUANTIZERS:
             raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
-        if not teacher_damp > 0:
-            raise ValueError(f"teacher_damp={teacher_damp!r}: must be > 0")
         self.method, self.groupsize, self.act_order, self.nm = method, groupsize, act_order, nm
-        self.teacher_damp = teacher_damp
         self.options = options
         self.needs_statistics = method != "rtn"
         self.results = {}
 
     def __call__(self, name, W_pruned, solver_result, stats):
         q = solver_result.info.get("quant_result")
-        teacher = stats is not None and stats.cross is not None
-        if q is not None and teacher:
-            raise ValueError(f"{name}: the joint SparseGPT + INT4 sweep cannot be calibrated against a teacher")
-        teacher_fields = {}
         if q is None:
-            target = W_pruned
-            if teacher:  # GPTQ towards the teacher's outputs on the teacher's inputs
-                target = teacher_target(W_pruned, stats.H, stats.cross, self.teacher_damp)
-                shift = float((target - W_pruned.float()).norm() / W_pruned.float().norm().clamp_min(1e-30))
-                teacher_fields = {"int4_teacher": True, "teacher_target_shift": shift}
-            q = quantize_layer(target, stats, method=self.method, groupsize=self.groupsize,
+            q = quantize_layer(W_pruned, stats, method=self.method, groupsize=self.groupsize,
                                act_order=self.act_order, pruned=solver_result.pruned, **self.options)
             if not torch.equal(q.pruned, solver_result.pruned):
                 raise AssertionError(f"{name}: quantization changed the sparsity mask")
@@ -175,7 +154,6 @@ class LayerQuantizer:
         }
         if "refine_loss_ratio" in q.info:
             fields["refine_loss_ratio"] = q.info["refine_loss_ratio"]
-        fields.update(teacher_fields)
         return q.weight, fields
 
     def storage(self) -> StorageCost:
