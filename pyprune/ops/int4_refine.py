@@ -136,8 +136,8 @@ def _solve_scales(W, codes, scales, groupsize, H):
         normal = normal + torch.diag_embed(empty.float())  # keeps the system regular
         solved = torch.linalg.lstsq(normal, rhs.unsqueeze(-1)).solution.squeeze(-1)
         solved = solved.to(torch.float16).float()
-        usable = torch.isfinite(solved) & (solved * scales[r0:r1] > 0)  # keeps each scale's sign
         old = scales[r0:r1]
+        usable = torch.isfinite(solved) & (solved * old > 0)  # keeps each scale's sign
         new = torch.where(usable & ~empty, solved, old)
         better = (_row_losses(W[r0:r1], codes[r0:r1], new, groupsize, H)
                   < _row_losses(W[r0:r1], codes[r0:r1], old, groupsize, H))
