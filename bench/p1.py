@@ -148,6 +148,10 @@ for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"
     CONFIGS[_name + "-refine8"] = CONFIGS[_name] + ["--no-act-order", "--refine-rounds", "8"]
     CONFIGS[_name + "-refine-mse"] = CONFIGS[_name + "-refine"] + ["--scale-fit", "mse"]
 
+# "-original": the refinement after the pruning solver aims at the weight before pruning.
+for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256", "admm-grad-50-int4-g64-sink256"):
+    CONFIGS[_name + "-act-refine-original"] = CONFIGS[_name + "-act-refine"] + ["--refine-target", "original"]
+
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-int4-g64-sink256-refine"):

@@ -9,6 +9,7 @@ import torch
 
 from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
+from pyprune.solvers.quantize import REFINE_TARGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "none")
@@ -117,6 +118,10 @@ def _add_quant_args(p):
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
                         "(least squares) after the sweep; never raises the layer loss "
                         f"(default {int4_refine.DEFAULT_ROUNDS} with GPTQ, 0 = off)")
+    g.add_argument("--refine-target", default="pruned", choices=list(REFINE_TARGETS),
+                   help="after a pruning solver, the refinement aims at the pruned weight or at the original "
+                        "one (then kept codes also take up the pruning error); the joint SparseGPT sweep "
+                        "always aims at the original")
 
 
 def build_parser():
@@ -337,7 +342,7 @@ def _solver_and_options(args, target):
     quantizer = None
     if args.wbits == 4:
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
-                                   scale_fit=args.scale_fit,
+                                   refine_target=args.refine_target, scale_fit=args.scale_fit,
                                    **({"damp": args.damp, "blocksize": args.blocksize,
                                        "refine_rounds": args.refine_rounds}
                                       if args.quant_method == "gptq" else {}))
@@ -457,7 +462,8 @@ def cmd_prune(args):
         cost = quantizer.storage()
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
-                                  "refine_rounds": args.refine_rounds, "bits_per_weight": cost.bits_per_weight,
+                                  "refine_rounds": args.refine_rounds, "refine_target": args.refine_target,
+                                  "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:
         return report  # rank 0 writes the model and the report

@@ -44,7 +44,7 @@ class RecordingPostSolve:
         self.needs_statistics = needs_statistics
         self.results = {}
 
-    def __call__(self, name, W, result, stats):
+    def __call__(self, name, W, result, stats, original=None):
         self.results[name] = float(W.float().abs().sum())
         return W, {"post": 1}
 

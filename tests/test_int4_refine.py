@@ -5,7 +5,8 @@ import torch
 from pyprune.ops import int4_grid, int4_refine
 from pyprune.solvers import sparsegpt
 from pyprune.solvers.pattern import SparsityPattern
-from pyprune.solvers.quantize import prune_and_quantize, quantize_layer
+from pyprune.solvers.base import SolverResult
+from pyprune.solvers.quantize import LayerQuantizer, prune_and_quantize, quantize_layer
 from tests.test_gptq import assert_on_grid, correlated_stats, random_weight
 
 STATS = correlated_stats()
@@ -124,6 +125,45 @@ def test_refinement_keeps_the_mask(pattern):
     assert joint.loss < plain.loss
     assert_on_grid(after)
     assert_on_grid(joint)
+
+
+def _loss_against(target, weight, H):
+    dW = target - weight
+    return float((dW.matmul(H) * dW).sum())
+
+
+def test_refinement_aimed_at_the_original_weight_takes_up_pruning_error():
+    """Magnitude pruning leaves all its error uncompensated: aimed at the weight before pruning,
+    the refinement lowers the error against it well below the refinement aimed at the pruned one."""
+    W, stats = WEIGHT, STATS
+    pruned = W.abs() < W.abs().median(dim=1, keepdim=True).values
+    W_pruned = W.masked_fill(pruned, 0.0)
+    options = dict(method="gptq", groupsize=64, act_order=True, pruned=pruned, refine_rounds=2)
+    to_pruned = quantize_layer(W_pruned, stats, **options)
+    to_original = quantize_layer(W_pruned, stats, refine_target=W, **options)
+    assert torch.equal(to_original.pruned, pruned)
+    assert not to_original.qweight[pruned].any()
+    assert_on_grid(to_original)
+    H = stats.H
+    assert _loss_against(W, to_original.weight, H) < 0.9 * _loss_against(W, to_pruned.weight, H)
+    # and each is the better one on its own target
+    assert _loss_against(W_pruned, to_pruned.weight, H) < _loss_against(W_pruned, to_original.weight, H)
+
+
+def test_layer_quantizer_aims_the_refinement_at_the_hooks_original_weight():
+    W, stats = WEIGHT, STATS
+    pruned = W.abs() < W.abs().median(dim=1, keepdim=True).values
+    W_pruned = W.masked_fill(pruned, 0.0)
+    solver_result = SolverResult(W_pruned, pruned, 0.0, {})
+    expected = quantize_layer(W_pruned, stats, method="gptq", groupsize=64, pruned=pruned, refine_rounds=1,
+                              refine_target=W)
+    quantizer = LayerQuantizer("gptq", 64, refine_target="original", refine_rounds=1)
+    weight, _ = quantizer("layer", W_pruned, solver_result, stats, original=W)
+    assert torch.equal(weight, expected.weight)
+    with pytest.raises(ValueError, match=r"refine_target='dense'; allowed: pruned, original"):
+        LayerQuantizer("gptq", 64, refine_target="dense")
+    with pytest.raises(ValueError, match=r"refine_target must have W's shape \(48, 256\), got \(48, 64\)"):
+        quantize_layer(W_pruned, stats, method="gptq", groupsize=64, refine_rounds=1, refine_target=W[:, :64])
 
 
 def test_bad_refine_rounds_are_refused():

@@ -55,7 +55,8 @@ class RunOptions:
             raise ValueError(f"batch_size={self.batch_size}: must be at least 1")
 
 
-# post_solve(name, W_pruned, solver_result, stats) -> (W_final, extra report fields)
+# post_solve(name, W_pruned, solver_result, stats, original=W) -> (W_final, extra report fields);
+# ``original`` is the weight before the pruning solver.
 PostSolve = Callable
 
 
@@ -218,7 +219,7 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     result = solve(W, stats, pattern, **solver_options)
     W_new, extra = result.weight, {}
     if post_solve is not None:
-        W_new, extra = post_solve(full_name, W_new, result, stats)
+        W_new, extra = post_solve(full_name, W_new, result, stats, original=W)
     seconds = time.time() - t0
     W_new = W_new.to(W.dtype)
     relative_error = _relative_error(W, W_new, stats)  # W is a view: measure before writing

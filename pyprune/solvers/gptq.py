@@ -16,7 +16,9 @@ zero when their column is frozen (their current value is error compensated like 
 scales are fitted on kept weights only, so all compensation ends up in kept weights and the mask
 comes back bit-identical. ``refine_rounds`` > 0 then revisits every code and every group scale
 (``pyprune.ops.int4_refine``: coordinate descent on the codes, least squares on the scales), which
-never raises the layer loss. ``scale_fit`` chooses how group scales are fitted
+never raises the layer loss. Its target is ``refine_target`` when given: the weight before pruning,
+so that kept codes also take up the pruning error a greedy solver left (the layer objective
+measures the error against that weight). ``scale_fit`` chooses how group scales are fitted
 (``int4_grid.SCALE_FITS``; with act-order the static "mse" fit weighs each column by its Hessian
 diagonal). ``W`` may hold the pruned solver's output (zeros at pruned positions,
 e.g. ADMM) or the dense weights (then the pruning error is compensated in the same sweep).
@@ -41,6 +43,7 @@ def solve(
     pruned: Optional[torch.Tensor] = None,
     scale_fit: str = "minmax",
     refine_rounds: int = 0,
+    refine_target: Optional[torch.Tensor] = None,
     damp: float = 0.01,
     blocksize: int = 128,
     **_,
@@ -54,6 +57,8 @@ def solve(
     int4_grid.check_scale_fit(scale_fit)
     int4_refine.check_rounds(refine_rounds)
     pruned = check_mask(pruned, W)
+    if refine_target is not None and tuple(refine_target.shape) != tuple(W.shape):
+        raise ValueError(f"refine_target must have W's shape {tuple(W.shape)}, got {tuple(refine_target.shape)}")
     with no_tf32():
         H = stats.H.float().to(W.device)
         W32 = W.float().clone()
@@ -81,8 +86,9 @@ def solve(
             weight = weight[:, inverse]
         refined = {}
         if refine_rounds:
-            weight, scales, refined = int4_refine.refine_weight(W32, weight, scales, g, stats.H, factor.damp_fraction,
-                                                                pruned, refine_rounds)
+            target = W32 if refine_target is None else refine_target.float().to(W.device)
+            weight, scales, refined = int4_refine.refine_weight(target, weight, scales, g, stats.H,
+                                                                factor.damp_fraction, pruned, refine_rounds)
     info = {
         "method": "gptq",
         "act_order": bool(act_order),

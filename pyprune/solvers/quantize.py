@@ -19,6 +19,7 @@ from pyprune.solvers.pattern import SparsityPattern
 from pyprune.solvers.quant_result import QuantCodes, QuantResult, make_result
 
 QUANTIZERS = {"rtn": rtn.solve, "gptq": gptq.solve}
+REFINE_TARGETS = ("pruned", "original")  # what GPTQ's refinement after a pruning solver aims at
 
 __all__ = [
     "QUANTIZERS", "LayerQuantizer", "QuantCodes", "QuantResult", "no_pruning", "prune_and_quantize",
@@ -116,25 +117,33 @@ class LayerQuantizer:
     joint sweep (``info["quant_result"]``), takes its result as is. The codes, scales and mask of
     every Linear are kept (on CPU, as :class:`QuantCodes`) in ``self.results[name]`` for the
     sidecar (``pyprune.formats.quant_state``) and the INT4 modules (``quant_state=``).
-    ``nm=(n, m)`` makes the storage accounting use the N:M layout.
+    ``nm=(n, m)`` makes the storage accounting use the N:M layout. ``refine_target="original"``
+    aims GPTQ's refinement at the weight before pruning (the hook's ``original``) instead of the
+    pruned one (``"pruned"``), so kept codes also take up the pruning solver's error.
     """
 
     needs_statistics = True
 
     def __init__(self, method: str = "gptq", groupsize: int = 128, act_order: bool = False,
-                 nm: Optional[tuple] = None, **options):
+                 nm: Optional[tuple] = None, refine_target: str = "pruned", **options):
         if method not in QUANTIZERS:
             raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
+        if refine_target not in REFINE_TARGETS:
+            raise ValueError(f"refine_target={refine_target!r}; allowed: {', '.join(REFINE_TARGETS)}")
         self.method, self.groupsize, self.act_order, self.nm = method, groupsize, act_order, nm
+        self.refine_target = refine_target
         self.options = options
         self.needs_statistics = method != "rtn"
         self.results = {}
 
-    def __call__(self, name, W_pruned, solver_result, stats):
+    def __call__(self, name, W_pruned, solver_result, stats, original=None):
         q = solver_result.info.get("quant_result")
         if q is None:
+            options = dict(self.options)
+            if self.refine_target == "original" and original is not None and self.method == "gptq":
+                options["refine_target"] = original
             q = quantize_layer(W_pruned, stats, method=self.method, groupsize=self.groupsize,
-                               act_order=self.act_order, pruned=solver_result.pruned, **self.options)
+                               act_order=self.act_order, pruned=solver_result.pruned, **options)
             if not torch.equal(q.pruned, solver_result.pruned):
                 raise AssertionError(f"{name}: quantization changed the sparsity mask")
         self.results[name] = q.codes("cpu")
