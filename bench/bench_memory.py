@@ -136,8 +136,6 @@ def folder_bytes(folder: str) -> int:
 
 def compare_outputs(a: str, b: str) -> float:
     """Largest absolute difference between two checkpoints' tensors (same names)."""
-    import torch
-
     from pyprune.pipeline.streaming import CheckpointIndex
 
     ia, ib = CheckpointIndex(a), CheckpointIndex(b)
