@@ -152,6 +152,11 @@ for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"
 for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256", "admm-grad-50-int4-g64-sink256"):
     CONFIGS[_name + "-act-refine-original"] = CONFIGS[_name + "-act-refine"] + ["--refine-target", "original"]
 
+# "-final": SparseGPT finished by the exact solve on its mask (with INT4: then act-order GPTQ).
+CONFIGS["sparsegpt-50-sink256-final"] = CONFIGS["sparsegpt-50-sink256"] + ["--final-solve"]
+CONFIGS["sparsegpt-50-int4-g64-sink256-final-act-refine-original"] = (
+    CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original"] + ["--final-solve"])
+
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-int4-g64-sink256-refine"):

@@ -77,8 +77,9 @@ def _add_solver_args(p):
     g.add_argument("--admm-per-row", action="store_true", help="gradual unstructured mask chosen per output row")
     g.add_argument("--admm-precision", default="fp32", choices=["fp32", "tf32", "fp16"],
                    help="matmuls of the ADMM iterations on CUDA (tf32, fp16: tensor cores; the final solve stays fp32)")
-    g.add_argument("--final-solve", dest="final_solve", action="store_true", default=True,
-                   help="finish ADMM with the exact solve on the final mask (default)")
+    g.add_argument("--final-solve", dest="final_solve", action="store_true", default=None,
+                   help="finish with the exact solve of the layer loss on the final mask (ADMM: default; "
+                        "SparseGPT: off by default, and with --wbits 4 it then prunes before act-order GPTQ)")
     g.add_argument("--no-final-solve", dest="final_solve", action="store_false")
 
 
@@ -333,7 +334,7 @@ def _solver_and_options(args, target):
     method = args.method
     options = {}
     if method == "sparsegpt":
-        options = {"damp": args.damp, "blocksize": args.blocksize}
+        options = {"damp": args.damp, "blocksize": args.blocksize, "final_solve": args.final_solve}
     elif method == "admm":
         options = {"iters": args.admm_iters, "mask_steps": args.admm_mask_steps, "rho": args.admm_rho,
                    "damp": args.admm_damp, "mask": args.mask, "final_solve": args.final_solve,
@@ -382,6 +383,15 @@ def cmd_prune(args):
                              normalise=args.schedule_normalise, damp=args.damp)
     solver_reads = None if args.method == "none" else statistics_needed(args.method)
     gptq = args.wbits == 4 and args.quant_method == "gptq"
+    if args.final_solve is None:
+        args.final_solve = args.method == "admm"
+    elif args.final_solve and args.method not in ("admm", "sparsegpt"):
+        raise ValueError(f"--final-solve applies to --method admm or sparsegpt, not {args.method!r}")
+    if args.final_solve and args.method == "sparsegpt" and gptq:
+        if args.act_order is False:
+            raise ValueError("--final-solve with SparseGPT and --wbits 4 prunes before GPTQ; the joint sweep "
+                             "(--no-act-order) has no final solve: drop one of them")
+        args.act_order = True
     if args.act_order is None:
         # Under P1 on SmolLM2-135M (README, pruning with INT4): act-order beat the plain column
         # order, with and without pruning (its static groups cost nothing at inference), except
