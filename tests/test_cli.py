@@ -55,6 +55,9 @@ def test_nm_pattern_and_explicit_report_path(tiny_saved_model, tmp_path):
     (["--method", "none", "--wbits", "4", "--groupsize", "32", "--quant-method", "rtn", "--refine-rounds", "2"],
      "--refine-rounds is a GPTQ option"),
     (["--method", "none", "--wbits", "4", "--groupsize", "32", "--refine-rounds", "-1"], "--refine-rounds -1"),
+    (["--sparsity", "0.5", "--method", "wanda", "--final-solve"], "--final-solve applies to --method admm or sparsegpt"),
+    (["--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--final-solve", "--no-act-order"],
+     "the joint sweep (--no-act-order) has no final solve"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(tiny_saved_model, capsys, extra, message):
     model_dir, data = tiny_saved_model
@@ -119,6 +122,23 @@ def test_sparsegpt_with_int4_defaults_to_the_joint_sweep_and_refinement(tiny_sav
     report = json.loads((out / "pyprune_report.json").read_text())
     assert report["quantization"]["act_order"] is False and report["quantization"]["refine_rounds"] == 4
     assert all(r["quant_method"] == "sparsegpt+gptq" and r["refine_loss_ratio"] <= 1.0 for r in report["linears"])
+
+
+def test_sparsegpt_final_solve_then_int4_refined_towards_the_original(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    reports = {}
+    for name, extra in {"greedy": [], "final": ["--final-solve"]}.items():
+        path = tmp_path / f"{name}.json"
+        assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4",
+                               "--groupsize", "32", "--act-order", "--refine-target", "original", *extra,
+                               "--report", str(path))) == 0
+        reports[name] = json.loads(path.read_text())
+    final = reports["final"]
+    assert final["config"]["final_solve"] is True and final["quantization"]["act_order"] is True
+    assert final["quantization"]["refine_target"] == "original"
+    assert all(r["final_solve"] and r["quant_method"] == "gptq" for r in final["linears"])
+    assert "final_solve" not in reports["greedy"]["linears"][0]
+    assert all(r["pruned_fraction"] == pytest.approx(0.5, abs=1e-3) for r in final["linears"])
 
 
 def test_quantization_only_and_compressed_checkpoint(tiny_saved_model, tmp_path, capsys):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pyprune.ops import accumulate_hessian
+from pyprune.ops.obs_sweep import QuantSpec
 from pyprune.solvers import SOLVERS, LayerStats, SparsityPattern
 from pyprune.solvers import sparsegpt
 from tests.helpers import correlated_inputs
@@ -74,6 +75,20 @@ def test_sparsegpt_reported_loss_is_the_error_it_makes():
     H += result.info["damp"] * torch.diag(H).mean() * torch.eye(H.shape[0])
     damped = 0.5 * torch.sum(dW @ H * dW).item()
     assert result.info["obs_loss"] == pytest.approx(damped, rel=1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_sparsegpt_final_solve_keeps_the_mask_and_lowers_the_error(pattern):
+    W, X, stats = layer_problem()
+    pattern = SparsityPattern.parse(pattern)
+    greedy = sparsegpt.solve(W, stats, pattern)
+    solved = sparsegpt.solve(W, stats, pattern, final_solve=True)
+    assert torch.equal(solved.pruned, greedy.pruned)
+    assert torch.equal(solved.weight == 0, solved.pruned)
+    assert recon_error(W, solved.weight, X) < 0.95 * recon_error(W, greedy.weight, X)
+    assert solved.info["final_solve"] and solved.info["final_residual"] < 1e-4
+    with pytest.raises(ValueError, match="final_solve re-solves unquantized weights"):
+        sparsegpt.solve(W, stats, pattern, final_solve=True, quant=QuantSpec(groupsize=64))
 
 
 def test_dead_input_columns_get_zero_weight():
