@@ -164,7 +164,8 @@ for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256
         CONFIGS[f"{_name}-{_fit}"] = CONFIGS[_name] + ["--scale-fit", _fit]
 
 # The GPTQ configurations above without "-act" ran in plain column order, the default before act-order,
-# those without "-refine" ran before the refinement, and those naming no scale fit used min-max scales.
+# those without "-refine" ran before the refinement, those naming no scale fit used min-max scales,
+# and the refinement after a pruning solver aimed at the pruned weight unless named "-original".
 for _flags in CONFIGS.values():
     if "--wbits" in _flags:
         if "--scale-fit" not in _flags:
@@ -174,6 +175,8 @@ for _flags in CONFIGS.values():
                 _flags.append("--no-act-order")
             if "--refine-rounds" not in _flags:
                 _flags += ["--refine-rounds", "0"]
+            if "--refine-target" not in _flags:  # the default before "original"
+                _flags += ["--refine-target", "pruned"]
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).

@@ -119,10 +119,10 @@ def _add_quant_args(p):
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
                         "(least squares) after the sweep; never raises the layer loss "
                         f"(default {int4_refine.DEFAULT_ROUNDS} with GPTQ, 0 = off)")
-    g.add_argument("--refine-target", default="pruned", choices=list(REFINE_TARGETS),
-                   help="after a pruning solver, the refinement aims at the pruned weight or at the original "
-                        "one (then kept codes also take up the pruning error); the joint SparseGPT sweep "
-                        "always aims at the original")
+    g.add_argument("--refine-target", default="original", choices=list(REFINE_TARGETS),
+                   help="after a pruning solver, the refinement aims at the original weight (default: kept "
+                        "codes also take up the pruning error) or at the pruned one; the joint SparseGPT "
+                        "sweep always aims at the original")
 
 
 def build_parser():

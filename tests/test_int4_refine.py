@@ -157,10 +157,13 @@ def test_layer_quantizer_aims_the_refinement_at_the_hooks_original_weight():
     solver_result = SolverResult(W_pruned, pruned, 0.0, {})
     expected = quantize_layer(W_pruned, stats, method="gptq", groupsize=64, pruned=pruned, refine_rounds=1,
                               refine_target=W)
-    quantizer = LayerQuantizer("gptq", 64, refine_target="original", refine_rounds=1)
+    quantizer = LayerQuantizer("gptq", 64, refine_rounds=1)  # "original" is the default
     weight, _ = quantizer("layer", W_pruned, solver_result, stats, original=W)
     assert torch.equal(weight, expected.weight)
-    with pytest.raises(ValueError, match=r"refine_target='dense'; allowed: pruned, original"):
+    to_pruned = LayerQuantizer("gptq", 64, refine_target="pruned", refine_rounds=1)
+    weight, _ = to_pruned("layer", W_pruned, solver_result, stats, original=W)
+    assert not torch.equal(weight, expected.weight)
+    with pytest.raises(ValueError, match=r"refine_target='dense'; allowed: original, pruned"):
         LayerQuantizer("gptq", 64, refine_target="dense")
     with pytest.raises(ValueError, match=r"refine_target must have W's shape \(48, 256\), got \(48, 64\)"):
         quantize_layer(W_pruned, stats, method="gptq", groupsize=64, refine_rounds=1, refine_target=W[:, :64])

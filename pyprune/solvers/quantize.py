@@ -19,7 +19,7 @@ from pyprune.solvers.pattern import SparsityPattern
 from pyprune.solvers.quant_result import QuantCodes, QuantResult, make_result
 
 QUANTIZERS = {"rtn": rtn.solve, "gptq": gptq.solve}
-REFINE_TARGETS = ("pruned", "original")  # what GPTQ's refinement after a pruning solver aims at
+REFINE_TARGETS = ("original", "pruned")  # what GPTQ's refinement after a pruning solver aims at
 
 __all__ = [
     "QUANTIZERS", "LayerQuantizer", "QuantCodes", "QuantResult", "no_pruning", "prune_and_quantize",
@@ -125,7 +125,7 @@ class LayerQuantizer:
     needs_statistics = True
 
     def __init__(self, method: str = "gptq", groupsize: int = 128, act_order: bool = False,
-                 nm: Optional[tuple] = None, refine_target: str = "pruned", **options):
+                 nm: Optional[tuple] = None, refine_target: str = "original", **options):
         if method not in QUANTIZERS:
             raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
         if refine_target not in REFINE_TARGETS:
