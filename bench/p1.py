@@ -154,6 +154,7 @@ for _name in ("sparsegpt-50-int4-g64-sink256", "sparsegpt-2of4-int4-g64-sink256"
 
 # "-final": SparseGPT finished by the exact solve on its mask (with INT4: then act-order GPTQ).
 CONFIGS["sparsegpt-50-sink256-final"] = CONFIGS["sparsegpt-50-sink256"] + ["--final-solve"]
+CONFIGS["sparsegpt-2of4-sink256-final"] = CONFIGS["sparsegpt-2of4-sink256"] + ["--final-solve"]
 CONFIGS["sparsegpt-50-int4-g64-sink256-final-act-refine-original"] = (
     CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original"] + ["--final-solve"])
 
