@@ -117,9 +117,10 @@ class LayerQuantizer:
     joint sweep (``info["quant_result"]``), takes its result as is. The codes, scales and mask of
     every Linear are kept (on CPU, as :class:`QuantCodes`) in ``self.results[name]`` for the
     sidecar (``pyprune.formats.quant_state``) and the INT4 modules (``quant_state=``).
-    ``nm=(n, m)`` makes the storage accounting use the N:M layout. ``refine_target="original"``
-    aims GPTQ's refinement at the weight before pruning (the hook's ``original``) instead of the
-    pruned one (``"pruned"``), so kept codes also take up the pruning solver's error.
+    ``nm=(n, m)`` makes the storage accounting use the N:M layout. ``refine_target="original"`` (the
+    default) aims GPTQ's refinement at the weight before pruning (the hook's ``original``), the
+    weight every layer error is measured against, so kept codes also take up the pruning solver's
+    error; ``"pruned"`` aims it at the solver's output.
     """
 
     needs_statistics = True
