@@ -8,8 +8,8 @@ quantized inside the same sweep (joint sparsify + INT4).
 
 ``final_solve``: the greedy sweep leaves the kept weights close to, not at, the optimum of their
 mask; this replaces them by the minimiser of the layer loss on the sweep's mask (ADMM's final
-solve, ``admm.exact_solve``: conjugate gradients from the sweep's weights, with ADMM's dampening
-``FINAL_DAMP`` x each Hessian diagonal).
+solve, ``admm.exact_solve``: conjugate gradients from the sweep's weights, with its default
+dampening, ADMM's).
 """
 import torch
 
@@ -18,8 +18,6 @@ from pyprune.ops.obs_sweep import QuantSpec, obs_sweep
 from pyprune.solvers import admm
 from pyprune.solvers.base import LayerStats, SolverResult, reconstruction_loss
 from pyprune.solvers.pattern import SparsityPattern
-
-FINAL_DAMP = 0.1  # ADMM's default dampening, under which its final solve was measured
 
 
 def solve(
@@ -52,7 +50,7 @@ def solve(
     W_new = sweep.weight.to(W.dtype)
     final = {}
     if final_solve:
-        W_new, solved = admm.exact_solve(W32, stats, sweep.pruned, damp=FINAL_DAMP, method="cg", start=sweep.weight)
+        W_new, solved = admm.exact_solve(W32, stats, sweep.pruned, method="cg", start=sweep.weight)
         W_new = W_new.to(W.dtype)
         final = {"final_solve": True, "final_iterations": solved["iterations"], "final_residual": solved["residual"]}
     info = {
