@@ -158,6 +158,11 @@ CONFIGS["sparsegpt-2of4-sink256-final"] = CONFIGS["sparsegpt-2of4-sink256"] + ["
 CONFIGS["sparsegpt-50-int4-g64-sink256-final-act-refine-original"] = (
     CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original"] + ["--final-solve"])
 
+# "-seq": --true-sequential (each group of a layer's Linears calibrated after the groups before it).
+for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-original",
+              "sparsegpt-50-int4-g64-sink256-refine", "gptq-int4-g64-sink256-act-refine"):
+    CONFIGS[_name + "-seq"] = CONFIGS[_name] + ["--true-sequential"]
+
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-int4-g64-sink256-refine"):

@@ -66,6 +66,11 @@ def _add_solver_args(p):
     g = p.add_argument_group("solvers")
     g.add_argument("--damp", type=float, default=0.01, help="sparsegpt/gptq dampening, fraction of mean diag(H)")
     g.add_argument("--blocksize", type=int, default=128, help="sparsegpt/gptq column block size")
+    g.add_argument("--true-sequential", action="store_true",
+                   help="within each decoder layer, collect statistics and solve group by group (q/k/v, o, "
+                        "gate/up, down), each group calibrated on inputs that the groups before it already "
+                        "compressed (more forward passes; not with --schedule hessian, which plans from a "
+                        "whole layer's statistics)")
     g.add_argument("--admm-iters", type=int, default=20, help="ADMM iterations")
     g.add_argument("--admm-mask-steps", type=int, default=15, help="iterations during which the mask is re-selected")
     g.add_argument("--admm-rho", type=float, default=1.0, help="ADMM penalty")
@@ -400,6 +405,12 @@ def cmd_prune(args):
     if args.refine_rounds is None:
         args.refine_rounds = int4_refine.DEFAULT_ROUNDS if gptq else 0
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
+    if args.true_sequential and not needs_calibration:
+        raise ValueError(f"--true-sequential orders the calibration statistics; --method {args.method} "
+                         "without GPTQ collects none")
+    if args.true_sequential and args.schedule == "hessian":
+        raise ValueError("--true-sequential cannot be used with --schedule hessian: its online correction "
+                         "reads every Linear's statistics of a layer at once")
     if args.sink_weight is None:
         args.sink_weight = default_sink_weight(args.method, gptq)
     calib = _calibration_source(args) if needs_calibration else None
@@ -443,7 +454,7 @@ def cmd_prune(args):
     options = RunOptions(device=device, activations=args.activations, activations_dir=args.activations_dir,
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
                          show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,
-                         sink_weight=args.sink_weight,
+                         sink_weight=args.sink_weight, true_sequential=args.true_sequential,
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
     if args.stream:

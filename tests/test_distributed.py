@@ -19,12 +19,13 @@ from pyprune.solvers.base import LayerStats
 from tests.helpers import correlated_inputs, tiny_model
 
 WORLD = 2
-# name -> (family, method, pattern, calibration windows, layer_loss); 5 windows split 2 + 3 over
-# the ranks; wanda without the layer loss reduces only the Hessians' diagonals
+# name -> (family, method, pattern, calibration windows, layer_loss, true_sequential); 5 windows
+# split 2 + 3 over the ranks; wanda without the layer loss reduces only the Hessians' diagonals
 SCENARIOS = {
-    "llama_sparsegpt": ("llama", "sparsegpt", "0.5", 4, True),
-    "opt_wanda_2:4": ("opt", "wanda", "2:4", 5, True),
-    "llama_wanda_norms_only": ("llama", "wanda", "0.5", 5, False),
+    "llama_sparsegpt": ("llama", "sparsegpt", "0.5", 4, True, False),
+    "opt_wanda_2:4": ("opt", "wanda", "2:4", 5, True, False),
+    "llama_wanda_norms_only": ("llama", "wanda", "0.5", 5, False, False),
+    "llama_sparsegpt_true_sequential": ("llama", "sparsegpt", "0.5", 5, True, True),
 }
 ROWS_PER_SAMPLE = 16
 
@@ -77,11 +78,12 @@ def _worker(rank, folder, source_dir):
         dp.reduce_statistics(local)
         out["reduced"] = {name: (s.H, s.nsamples) for name, s in local.items()}
 
-        for key, (family, method, pattern, nsamples, layer_loss) in SCENARIOS.items():
+        for key, (family, method, pattern, nsamples, layer_loss, true_sequential) in SCENARIOS.items():
             model = tiny_model(family)
             post = RecordingPostSolve(needs_statistics=layer_loss)
             result = prune_model(model, calib(nsamples), method, UniformSchedule(SparsityPattern.parse(pattern)),
-                                 {}, run_options(distributed=dp, layer_loss=layer_loss), post_solve=post)
+                                 {}, run_options(distributed=dp, layer_loss=layer_loss,
+                                                 true_sequential=true_sequential), post_solve=post)
             out[key] = {"state": model.state_dict(), "records": result["records"], "post": post.results}
 
         streamed = os.path.join(folder, "streamed")
@@ -122,11 +124,11 @@ def test_hessians_are_reduced_as_a_mean_weighted_by_token_counts(spawned):
 @pytest.mark.parametrize("key", list(SCENARIOS))
 def test_two_ranks_reproduce_the_single_process_result(spawned, key):
     ranks, _, _ = spawned
-    family, method, pattern, nsamples, layer_loss = SCENARIOS[key]
+    family, method, pattern, nsamples, layer_loss, true_sequential = SCENARIOS[key]
     model = tiny_model(family)
     post = RecordingPostSolve(needs_statistics=layer_loss)
     single = prune_model(model, calib(nsamples), method, UniformSchedule(SparsityPattern.parse(pattern)), {},
-                         run_options(layer_loss=layer_loss), post_solve=post)
+                         run_options(layer_loss=layer_loss, true_sequential=true_sequential), post_solve=post)
     linears = {f"{name}.weight" for layer in decoder_layers(model) for name, _ in prunable_linears(layer)}
     reference = model.state_dict()
     checked = 0

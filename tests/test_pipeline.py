@@ -268,3 +268,73 @@ def test_sink_weight_counts_the_first_token_of_each_window_that_many_times():
     for bad in (0.5, float("nan")):
         with pytest.raises(ValueError, match="sink_weight"):
             check_sink_weight(bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_groups_follow_the_forward_and_shared_inputs(family):
+    from pyprune.models.capture import capture_layer0_inputs
+    from pyprune.pipeline.runner import input_groups
+
+    model = tiny_model(family)
+    layer = decoder_layers(model)[0]
+    inputs, kwargs = capture_layer0_inputs(model, calib(), "cpu", batch_size=2)
+    linears = prunable_linears(layer)
+    groups = input_groups(layer, linears, inputs[:2], kwargs)
+    names = [[name for name, _ in group] for group in groups]
+    assert sorted(n for group in names for n in group) == sorted(n for n, _ in linears)
+    if family == "llama":
+        assert names == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    else:  # attention's input (q/k/v, or one fused Linear), its output, then the MLP's two Linears
+        assert [len(g) for g in groups] == ([3, 1, 1, 1] if family == "opt" else [1, 1, 1, 1])
+
+
+def _hessians_by_call(model, **options):
+    """The Hessian each sparsegpt call received, in call order."""
+    seen = []
+    original = SOLVERS["sparsegpt"]
+
+    def spy(W, stats, pattern, **kw):
+        seen.append(stats.H.clone())
+        return original(W, stats, pattern, **kw)
+
+    SOLVERS["sparsegpt"] = spy
+    try:
+        run(model, **options)
+    finally:
+        SOLVERS["sparsegpt"] = original
+    return seen
+
+
+def test_true_sequential_calibrates_each_group_on_the_inputs_compressed_before_it():
+    """o_proj's Hessian in layer 0 is that of its inputs with q/k/v already pruned; q/k/v see the
+    layer's inputs either way."""
+    from pyprune.pipeline.statistics import HessianCollector
+
+    model = tiny_model("llama")
+    sequential = _hessians_by_call(model, true_sequential=True)
+    together = _hessians_by_call(tiny_model("llama"))
+    assert len(sequential) == len(together)
+    assert torch.equal(sequential[0], together[0])  # q_proj: layer 0's inputs in both runs
+    o_index = 3
+    assert not torch.allclose(sequential[o_index], together[o_index], rtol=1e-3)
+
+    # Rebuild o_proj's inputs directly: the dense model with layer 0's q/k/v taken from the pruned one.
+    check = tiny_model("llama")
+    pruned_attn, attn = decoder_layers(model)[0].self_attn, decoder_layers(check)[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(attn, name).weight.data.copy_(getattr(pruned_attn, name).weight.data)
+    with torch.no_grad(), HessianCollector([("o", attn.o_proj)], "cpu") as collector:
+        for start in range(0, 4, 2):
+            collector.new_batch()
+            check(calib()[start:start + 2])
+    assert torch.allclose(sequential[o_index], collector.stats["o"].H, rtol=1e-4, atol=1e-6)
+
+
+def test_true_sequential_is_refused_with_a_schedule_that_plans_from_whole_layers():
+    from pyprune.schedule import HessianSchedule
+
+    schedule = HessianSchedule(SparsityPattern(sparsity=0.7))
+    with pytest.raises(ValueError, match="true_sequential"):
+        prune_model(tiny_model("llama"), calib(), "sparsegpt", schedule, {},
+                    RunOptions(batch_size=2, show_progress=False, true_sequential=True))

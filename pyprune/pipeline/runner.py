@@ -5,6 +5,11 @@
 3. For each decoder layer, alone on the compute device: run it with hooks that accumulate each
    Linear's Hessian; let the schedule see the statistics; call the solver on every Linear; run
    the pruned layer again to produce the next layer's inputs; save progress.
+
+With ``true_sequential`` step 3 goes through the layer's Linears group by group, in the order the
+forward reaches them (Linears that read the same tensor form one group: q/k/v, o, gate/up, down):
+each group's statistics are collected with the groups before it already compressed, so a Linear
+is calibrated on the inputs it will really see.
 """
 import contextlib
 import hashlib
@@ -47,6 +52,8 @@ class RunOptions:
     # The first token of each calibration window counts as this many tokens in the statistics
     # (pipeline.statistics: the attention sink); 1 = plain token average.
     sink_weight: float = 1.0
+    # Collect statistics and solve group by group within each layer (module docstring).
+    true_sequential: bool = False
 
     def __post_init__(self):
         check_storage(self.activations)
@@ -90,6 +97,10 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     needs_stats = statistics is not None
     if needs_stats and tokens is None:
         raise ValueError(f"method {method!r} needs calibration data")
+    if options.true_sequential and needs_stats and getattr(schedule, "online", False):
+        raise ValueError(f"schedule {getattr(schedule, 'name', schedule)!r} corrects its plan online from the "
+                         "statistics of a whole layer, which true_sequential collects group by group: "
+                         "use it without online correction or without true_sequential")
     device = torch.device(options.device)
     store = ActivationStore(options.activations, device, options.activations_dir)
     dist = options.distributed
@@ -103,6 +114,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
         fingerprint = dict(options.fingerprint, method=method, statistics=statistics,
                            sink_weight=options.sink_weight, solver_options=_jsonable(solver_options),
                            tokens=_tensor_digest(tokens))
+        if options.true_sequential:
+            fingerprint["true_sequential"] = True
         if hasattr(schedule, "config"):
             fingerprint["schedule"] = _jsonable(schedule.config())
         folder = options.progress_dir
@@ -138,27 +151,31 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
     for index in bar:
         layer = (layer_io.load_layer(index) if layer_io is not None else layers[index]).to(device)
         linears = prunable_linears(layer)
-        stats = {name: None for name, _ in linears}
-        if needs_stats:
-            stats = _collect_statistics(statistics, layer, linears, inputs, kwargs, options, device, store)
-            if dist is not None:
-                dist.reduce_statistics(stats)  # every rank now holds the statistics of all windows
-        schedule.observe(index, stats, {name: weight_matrix(m) for name, m in linears})
-        owners = dist.assign(linears) if dist is not None else None
-        solved = {}
-        for name, module in linears:
-            if owners is not None and owners[name] != dist.rank:
-                stats[name] = None  # solved by another rank
-                continue
-            full_name = f"{prefix}.{index}.{name}"
-            bar.set_postfix_str(name)
-            pattern = schedule.pattern_for(index, name)
-            solved[name] = _solve_one(full_name, module, solve, stats[name], pattern, solver_options, post_solve)
-            stats[name] = None  # free the Hessian as soon as it is used
-        layer_records = list(solved.values())
-        if dist is not None:
-            layer_records = dist.share_solved(linears, owners, solved, post_solve, name_prefix=f"{prefix}.{index}.")
-        records.extend(layer_records)
+        groups = [linears]
+        if options.true_sequential and needs_stats:
+            groups = input_groups(layer, linears, store.batch(inputs, 0, options.batch_size, device), kwargs)
+        for group in groups:
+            stats = {name: None for name, _ in group}
+            if needs_stats:
+                stats = _collect_statistics(statistics, layer, group, inputs, kwargs, options, device, store)
+                if dist is not None:
+                    dist.reduce_statistics(stats)  # every rank now holds the statistics of all windows
+            schedule.observe(index, stats, {name: weight_matrix(m) for name, m in group})
+            owners = dist.assign(group) if dist is not None else None
+            solved = {}
+            for name, module in group:
+                if owners is not None and owners[name] != dist.rank:
+                    stats[name] = None  # solved by another rank
+                    continue
+                full_name = f"{prefix}.{index}.{name}"
+                bar.set_postfix_str(name)
+                pattern = schedule.pattern_for(index, name)
+                solved[name] = _solve_one(full_name, module, solve, stats[name], pattern, solver_options, post_solve)
+                stats[name] = None  # free the Hessian as soon as it is used
+            group_records = list(solved.values())
+            if dist is not None:  # every rank needs the group's weights before the next group's statistics
+                group_records = dist.share_solved(group, owners, solved, post_solve, name_prefix=f"{prefix}.{index}.")
+            records.extend(group_records)
         if needs_stats and index + 1 < len(layers):
             inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device, store)
         if layer_io is not None:
@@ -190,6 +207,39 @@ def statistics_kind(solve, schedule, post_solve, layer_loss: bool = True) -> Opt
     if "hessian" in wanted or ("input_norms" in wanted and layer_loss):
         return "hessian"
     return "input_norms" if "input_norms" in wanted else None
+
+
+def input_groups(layer, linears, batch, kwargs) -> list:
+    """``linears`` split into groups of Linears that read the same input tensor, in the order a
+    forward of ``layer`` on ``batch`` reaches them (Linears it never reaches form a last group)."""
+    order, by_input, pending = [], {}, dict(linears)
+
+    def hook_for(name):
+        def hook(module, inputs):
+            if name not in pending:  # a Linear called twice keeps its first place
+                return
+            source = inputs[0]
+            key = (source.data_ptr(), tuple(source.shape), source.stride())
+            if key not in by_input:
+                by_input[key] = []
+                order.append((key, source))  # keeps the tensor alive, so its address is not reused
+            by_input[key].append((name, pending.pop(name)))
+            if not pending:
+                raise StatisticsComplete
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in linears]
+    try:
+        run_layer(layer, batch, kwargs[batch.shape[0]])
+    except StatisticsComplete:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = [by_input[key] for key, _ in order]
+    if pending:
+        groups.append(list(pending.items()))
+    return groups
 
 
 def _collect_statistics(kind, layer, linears, inputs, kwargs, options, device, store):
