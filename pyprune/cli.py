@@ -120,6 +120,9 @@ def _add_quant_args(p):
                         "level to the side of the largest magnitude: all 16 levels), or mse / signed-mse (search "
                         "of shrunk scales for the smallest rounding error; on GPU the fitted-scale sweep then "
                         "runs unfused)")
+    g.add_argument("--quant-damp", type=float, default=None, metavar="F",
+                   help="GPTQ dampening (and its refinement's), fraction of mean diag(H), when GPTQ runs after "
+                        "the pruning solver or alone (default: --damp; the joint SparseGPT sweep uses --damp)")
     g.add_argument("--refine-rounds", type=int, default=None, metavar="N",
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
                         "(least squares) after the sweep; never raises the layer loss "
@@ -349,7 +352,7 @@ def _solver_and_options(args, target):
     if args.wbits == 4:
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
                                    refine_target=args.refine_target, scale_fit=args.scale_fit,
-                                   **({"damp": args.damp, "blocksize": args.blocksize,
+                                   **({"damp": args.quant_damp, "blocksize": args.blocksize,
                                        "refine_rounds": args.refine_rounds}
                                       if args.quant_method == "gptq" else {}))
         if method == "none":
@@ -404,6 +407,16 @@ def cmd_prune(args):
         args.act_order = gptq and args.method != "sparsegpt"
     if args.refine_rounds is None:
         args.refine_rounds = int4_refine.DEFAULT_ROUNDS if gptq else 0
+    if args.quant_damp is not None:
+        if not gptq:
+            raise ValueError("--quant-damp is GPTQ's dampening; it needs --wbits 4 and --quant-method gptq")
+        if args.method == "sparsegpt" and not args.act_order:
+            raise ValueError("--quant-damp applies to GPTQ after pruning; the joint SparseGPT + INT4 sweep "
+                             "(--no-act-order) uses --damp for both: give --act-order or drop --quant-damp")
+        if not 0 < args.quant_damp < 10:
+            raise ValueError(f"--quant-damp {args.quant_damp}: must be in (0, 10) (a fraction of mean diag(H))")
+    else:
+        args.quant_damp = args.damp
     needs_calibration = solver_reads is not None or gptq or args.schedule != "uniform"
     if args.true_sequential and not needs_calibration:
         raise ValueError(f"--true-sequential orders the calibration statistics; --method {args.method} "
@@ -484,6 +497,7 @@ def cmd_prune(args):
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
                                   "refine_rounds": args.refine_rounds, "refine_target": args.refine_target,
+                                  "damp": args.quant_damp if args.quant_method == "gptq" else None,
                                   "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:

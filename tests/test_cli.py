@@ -58,6 +58,14 @@ def test_nm_pattern_and_explicit_report_path(tiny_saved_model, tmp_path):
     (["--sparsity", "0.5", "--method", "wanda", "--final-solve"], "--final-solve applies to --method admm or sparsegpt"),
     (["--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--final-solve", "--no-act-order"],
      "the joint sweep (--no-act-order) has no final solve"),
+    (["--method", "none", "--wbits", "4", "--groupsize", "32", "--quant-method", "rtn", "--quant-damp", "0.1"],
+     "--quant-damp is GPTQ's dampening"),
+    (["--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--no-act-order", "--quant-damp", "0.1"],
+     "the joint SparseGPT + INT4 sweep"),
+    (["--method", "none", "--wbits", "4", "--groupsize", "32", "--quant-damp", "0"], "--quant-damp 0.0"),
+    (["--sparsity", "0.5", "--method", "magnitude", "--true-sequential"], "--method magnitude without GPTQ"),
+    (["--sparsity", "0.5", "--schedule", "hessian", "--sparsity-range", "0.4", "0.6", "--true-sequential"],
+     "--true-sequential cannot be used with --schedule hessian"),
 ])
 def test_bad_input_is_refused_with_a_clear_error(tiny_saved_model, capsys, extra, message):
     model_dir, data = tiny_saved_model
@@ -122,6 +130,39 @@ def test_sparsegpt_with_int4_defaults_to_the_joint_sweep_and_refinement(tiny_sav
     report = json.loads((out / "pyprune_report.json").read_text())
     assert report["quantization"]["act_order"] is False and report["quantization"]["refine_rounds"] == 4
     assert all(r["quant_method"] == "sparsegpt+gptq" and r["refine_loss_ratio"] <= 1.0 for r in report["linears"])
+
+
+def test_quant_damp_reaches_gptq_after_pruning_and_leaves_the_pruning_alone(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    reports = {}
+    for name, extra in {"same": [], "stronger": ["--quant-damp", "0.5"]}.items():
+        path = tmp_path / f"{name}.json"
+        assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.5", "--wbits", "4",
+                               "--groupsize", "32", "--act-order", *extra, "--report", str(path))) == 0
+        reports[name] = json.loads(path.read_text())
+    assert reports["same"]["quantization"]["damp"] == 0.01
+    assert reports["stronger"]["quantization"]["damp"] == 0.5
+    for name, damp in (("same", 0.01), ("stronger", 0.5)):
+        for record in reports[name]["linears"]:
+            assert record["damp"] == pytest.approx(0.01)  # SparseGPT's pruning
+            assert record["quant_damp"] == pytest.approx(damp)
+
+
+def test_true_sequential_run_is_recorded_and_changes_the_later_groups(tiny_saved_model, tmp_path):
+    model_dir, data = tiny_saved_model
+    reports = {}
+    for name, extra in {"together": [], "sequential": ["--true-sequential"]}.items():
+        path = tmp_path / f"{name}.json"
+        assert main(prune_args(model_dir, data, "--method", "sparsegpt", "--sparsity", "0.5", *extra,
+                               "--report", str(path))) == 0
+        reports[name] = json.loads(path.read_text())
+    assert reports["sequential"]["config"]["true_sequential"] is True
+    losses = {name: {r["name"]: r["loss"] for r in report["linears"]} for name, report in reports.items()}
+    first = [n for n in losses["together"] if n.endswith("0.self_attn.q_proj")]
+    later = [n for n in losses["together"] if n.endswith("0.self_attn.o_proj")]
+    assert first and later
+    assert losses["sequential"][first[0]] == pytest.approx(losses["together"][first[0]], rel=1e-6)
+    assert losses["sequential"][later[0]] != pytest.approx(losses["together"][later[0]], rel=1e-6)
 
 
 def test_sparsegpt_final_solve_then_int4_refined_towards_the_original(tiny_saved_model, tmp_path):

@@ -164,6 +164,8 @@ class LayerQuantizer:
         }
         if "refine_loss_ratio" in q.info:
             fields["refine_loss_ratio"] = q.info["refine_loss_ratio"]
+        if "damp" in q.info:  # GPTQ's, after a possible retry; the pruning solver's stays "damp"
+            fields["quant_damp"] = q.info["damp"]
         return q.weight, fields
 
     def storage(self) -> StorageCost:
