@@ -163,10 +163,10 @@ for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-
               "sparsegpt-50-int4-g64-sink256-refine", "gptq-int4-g64-sink256-act-refine"):
     CONFIGS[_name + "-seq"] = CONFIGS[_name] + ["--true-sequential"]
 
-# "-qdamp0.1": GPTQ after pruning (and its refinement) dampened by 0.1 x mean diag(H) instead of 0.01.
-for _name in ("sparsegpt-50-int4-g64-sink256-act-refine-original",
-              "sparsegpt-50-int4-g64-sink256-act-refine-original-seq"):
-    CONFIGS[_name + "-qdamp0.1"] = CONFIGS[_name] + ["--quant-damp", "0.1"]
+# "-qdampF": GPTQ after pruning (and its refinement) dampened by F x mean diag(H) instead of 0.01.
+for _damp in ("0.1", "0.3"):
+    CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-qdamp" + _damp] = (
+        CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original"] + ["--quant-damp", _damp])
 
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
