@@ -168,6 +168,11 @@ for _damp in ("0.003", "0.1", "0.3"):
     CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-qdamp" + _damp] = (
         CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original"] + ["--quant-damp", _damp])
 
+# "-cap": --sink-cap (the first token's input row shrunk to its window's median row length first).
+for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-original",
+              "gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine"):
+    CONFIGS[_name + "-cap"] = CONFIGS[_name] + ["--sink-cap"]
+
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-int4-g64-sink256-refine"):

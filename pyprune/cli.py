@@ -60,6 +60,10 @@ def _add_calibration_args(p):
                         "as this many tokens in the Hessians and input norms (default: 256 for sparsegpt and for "
                         "GPTQ without pruning or after sparsegpt; 1 for wanda, magnitude and admm, whose masks "
                         "follow input norms)")
+    g.add_argument("--sink-cap", action="store_true",
+                   help="before the sink weight, shrink the first token's input to the median length of its "
+                        "window's other tokens where it is longer, so that a massive activation there does not "
+                        "make the whole Hessian of a Linear")
 
 
 def _add_solver_args(p):
@@ -424,6 +428,9 @@ def cmd_prune(args):
     if args.true_sequential and args.schedule == "hessian":
         raise ValueError("--true-sequential cannot be used with --schedule hessian: its online correction "
                          "reads every Linear's statistics of a layer at once")
+    if args.sink_cap and not needs_calibration:
+        raise ValueError(f"--sink-cap shapes the calibration statistics; --method {args.method} without GPTQ "
+                         "collects none")
     if args.sink_weight is None:
         args.sink_weight = default_sink_weight(args.method, gptq)
     calib = _calibration_source(args) if needs_calibration else None
@@ -467,7 +474,7 @@ def cmd_prune(args):
     options = RunOptions(device=device, activations=args.activations, activations_dir=args.activations_dir,
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
                          show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,
-                         sink_weight=args.sink_weight, true_sequential=args.true_sequential,
+                         sink_weight=args.sink_weight, sink_cap=args.sink_cap, true_sequential=args.true_sequential,
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
     if args.stream:

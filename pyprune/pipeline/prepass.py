@@ -57,7 +57,8 @@ def run_prepass(schedule, model, tokens: torch.Tensor, options=None) -> float:
             layer = layers[index].to(device)
             linears = prunable_linears(layer)
             collector = (HessianCollector if kind == "hessian" else InputNormCollector)(
-                linears, device, sink_weight=getattr(options, "sink_weight", 1.0))
+                linears, device, sink_weight=getattr(options, "sink_weight", 1.0),
+                sink_cap=getattr(options, "sink_cap", False))
             last = index + 1 == len(layers)
             energy, counted = 0.0, 0
             with collector:

@@ -52,6 +52,8 @@ class RunOptions:
     # The first token of each calibration window counts as this many tokens in the statistics
     # (pipeline.statistics: the attention sink); 1 = plain token average.
     sink_weight: float = 1.0
+    # Shrink the first token's input row to the window's median row length first (pipeline.statistics).
+    sink_cap: bool = False
     # Collect statistics and solve group by group within each layer (module docstring).
     true_sequential: bool = False
 
@@ -116,6 +118,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
                            tokens=_tensor_digest(tokens))
         if options.true_sequential:
             fingerprint["true_sequential"] = True
+        if options.sink_cap:
+            fingerprint["sink_cap"] = True
         if hasattr(schedule, "config"):
             fingerprint["schedule"] = _jsonable(schedule.config())
         folder = options.progress_dir
@@ -244,7 +248,8 @@ def input_groups(layer, linears, batch, kwargs) -> list:
 
 def _collect_statistics(kind, layer, linears, inputs, kwargs, options, device, store):
     collector_class = HessianCollector if kind == "hessian" else InputNormCollector
-    with collector_class(linears, device, stop_when_complete=True, sink_weight=options.sink_weight) as collector:
+    with collector_class(linears, device, stop_when_complete=True, sink_weight=options.sink_weight,
+                         sink_cap=options.sink_cap) as collector:
         for start in range(0, inputs.shape[0], options.batch_size):
             collector.new_batch()
             batch = store.batch(inputs, start, options.batch_size, device)

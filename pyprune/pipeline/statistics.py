@@ -9,6 +9,12 @@ every later query attends to it, and its hidden state carries the massive activa
 ``sink_weight`` tokens. An error on that token's inputs reaches every position through its key
 and value, while the plain Hessian weighs it as one token among ``seqlen``.
 
+``sink_cap`` first shrinks that token's input row, where it is longer, to the median length of
+the window's other rows. A Linear whose input carries a massive activation on the first token
+(SmolLM2-135M's layer-11 down_proj: ~3,300 there, below ~15 elsewhere) otherwise has a Hessian
+made of that one token, even at sink weight 1, and GPTQ then fits it alone: on held-out tokens
+its error on every other token ended above RTN's.
+
 Linears that read the same tensor (q/k/v, gate/up) would compute the same ``x^T x``: within a
 batch, the first of them accumulates and the others, having seen exactly the same inputs so far,
 copy its Hessian instead of recomputing it.
@@ -42,13 +48,19 @@ def default_sink_weight(method: str, gptq: bool = False) -> float:
     return SINK_WEIGHT if method == "sparsegpt" or (method == "none" and gptq) else 1.0
 
 
-def sink_weighted_rows(source: torch.Tensor, sink_weight: float) -> torch.Tensor:
+def sink_weighted_rows(source: torch.Tensor, sink_weight: float, sink_cap: bool = False) -> torch.Tensor:
     """``[tokens, features]`` rows of a ``[batch, seq, features]`` input, position 0 scaled by
-    ``sqrt(sink_weight)`` (so its outer product counts ``sink_weight`` times)."""
+    ``sqrt(sink_weight)`` (so its outer product counts ``sink_weight`` times); with ``sink_cap``
+    first shrunk, where longer, to the median length of the other positions of its window."""
     x = source.detach()
-    if sink_weight != 1.0 and x.dim() == 3:
+    if x.dim() == 3 and (sink_weight != 1.0 or (sink_cap and x.shape[1] > 1)):
         x = x.clone()
-        x[:, 0] *= sink_weight ** 0.5
+        factor = torch.full((x.shape[0],), float(sink_weight), dtype=torch.float32, device=x.device)
+        if sink_cap and x.shape[1] > 1:
+            energy = x.float().pow(2).sum(-1)  # [batch, seq]
+            typical = energy[:, 1:].median(dim=1).values
+            factor *= (typical / energy[:, 0].clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        x[:, 0] *= factor.sqrt().to(x.dtype)[:, None]
     return x.reshape(-1, x.shape[-1])
 
 
@@ -63,10 +75,11 @@ class _InputHooks:
     to ``_accumulate(name, source)`` and, with ``stop_when_complete``, ends the forward once every
     Linear has seen the batch."""
 
-    def __init__(self, linears, stop_when_complete: bool, sink_weight: float):
+    def __init__(self, linears, stop_when_complete: bool, sink_weight: float, sink_cap: bool = False):
         self.linears = dict(linears)
         self.stop_when_complete = stop_when_complete
         self.sink_weight = check_sink_weight(sink_weight)
+        self.sink_cap = bool(sink_cap)
         self._seen = set()
         self._handles = []
 
@@ -100,8 +113,9 @@ class _InputHooks:
 class HessianCollector(_InputHooks):
     """Context manager: ``stats[name]`` holds each Linear's :class:`LayerStats`."""
 
-    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
-        super().__init__(linears, stop_when_complete, sink_weight)
+    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0,
+                 sink_cap: bool = False):
+        super().__init__(linears, stop_when_complete, sink_weight, sink_cap)
         self.stats = {}
         for name, module in self.linears.items():
             cols = weight_matrix(module).shape[1]
@@ -114,7 +128,7 @@ class HessianCollector(_InputHooks):
         self._owner_of_input.clear()
 
     def _accumulate(self, name, source):
-        x = sink_weighted_rows(source, self.sink_weight)
+        x = sink_weighted_rows(source, self.sink_weight, self.sink_cap)
         stats = self.stats[name]
         key = (source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, source.device)
         owner = self._owner_of_input.get(key)
@@ -135,14 +149,15 @@ class InputNormCollector(_InputHooks):
     ``(2/n) sum x_j^2``); ``rms[name]`` is ``sqrt(mean x_j^2)``.
     """
 
-    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0):
-        super().__init__(linears, stop_when_complete, sink_weight)
+    def __init__(self, linears, device, stop_when_complete: bool = False, sink_weight: float = 1.0,
+                 sink_cap: bool = False):
+        super().__init__(linears, stop_when_complete, sink_weight, sink_cap)
         self._sums = {name: torch.zeros(weight_matrix(m).shape[1], dtype=torch.float64, device=device)
                       for name, m in self.linears.items()}
         self._counts = {name: 0 for name in self.linears}
 
     def _accumulate(self, name, source):
-        x = sink_weighted_rows(source, self.sink_weight)
+        x = sink_weighted_rows(source, self.sink_weight, self.sink_cap)
         self._sums[name] += x.double().pow(2).sum(0).to(self._sums[name].device)
         self._counts[name] += x.shape[0]
 
