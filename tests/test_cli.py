@@ -63,6 +63,7 @@ def test_nm_pattern_and_explicit_report_path(tiny_saved_model, tmp_path):
     (["--sparsity", "0.5", "--wbits", "4", "--groupsize", "32", "--no-act-order", "--quant-damp", "0.1"],
      "the joint SparseGPT + INT4 sweep"),
     (["--method", "none", "--wbits", "4", "--groupsize", "32", "--quant-damp", "0"], "--quant-damp 0.0"),
+    (["--sparsity", "0.5", "--method", "magnitude", "--sink-cap"], "--sink-cap shapes the calibration statistics"),
     (["--sparsity", "0.5", "--method", "magnitude", "--true-sequential"], "--method magnitude without GPTQ"),
     (["--sparsity", "0.5", "--schedule", "hessian", "--sparsity-range", "0.4", "0.6", "--true-sequential"],
      "--true-sequential cannot be used with --schedule hessian"),

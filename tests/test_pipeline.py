@@ -270,6 +270,46 @@ def test_sink_weight_counts_the_first_token_of_each_window_that_many_times():
             check_sink_weight(bad)
 
 
+def test_sink_cap_shrinks_only_a_first_row_longer_than_its_windows_median():
+    from pyprune.pipeline.statistics import sink_weighted_rows
+
+    x = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 0] *= 1000.0  # a massive activation on the first token
+    x[1, 0] *= 1e-3  # a short first row is left as it is
+    rows = sink_weighted_rows(x, 9.0, sink_cap=True).reshape(3, 7, 5)
+    energy = x.pow(2).sum(-1)
+    assert torch.equal(rows[:, 1:], x[:, 1:])
+    assert rows[0, 0].pow(2).sum() == pytest.approx(9.0 * float(energy[0, 1:].median()), rel=1e-5)
+    torch.testing.assert_close(rows[0, 0] / rows[0, 0].norm(), x[0, 0] / x[0, 0].norm())  # same direction
+    torch.testing.assert_close(rows[1, 0], 3.0 * x[1, 0])
+    # without the cap, or with sink weight 1 and a typical first row, nothing changes
+    torch.testing.assert_close(sink_weighted_rows(x, 9.0).reshape(3, 7, 5)[0, 0], 3.0 * x[0, 0])
+    assert torch.equal(sink_weighted_rows(x[1:2], 1.0, sink_cap=True), x[1:2].reshape(-1, 5))
+
+
+def test_sink_cap_reaches_the_collected_hessians():
+    """q_proj's Hessian with the cap equals the one built by hand from capped first rows."""
+    from pyprune.models.capture import capture_layer0_inputs, run_layer
+    from pyprune.pipeline.statistics import HessianCollector
+
+    model = tiny_model("llama")
+    layer = decoder_layers(model)[0]
+    inputs, kwargs = capture_layer0_inputs(model, calib(), "cpu", batch_size=2)
+    linears = prunable_linears(layer)
+    with HessianCollector(linears, "cpu", sink_weight=4.0, sink_cap=True) as collector:
+        for start in range(0, inputs.shape[0], 2):
+            collector.new_batch()
+            run_layer(layer, inputs[start:start + 2], kwargs[2])
+    x = layer.input_layernorm(inputs.float()).double()
+    energy = x.pow(2).sum(-1)
+    shrink = (energy[:, 1:].median(dim=1).values / energy[:, 0]).clamp(max=1.0)
+    assert (shrink < 1).any(), "no window exercises the cap"
+    x[:, 0] *= (4.0 * shrink).sqrt()[:, None]
+    n = x.shape[0] * x.shape[1]
+    expected = 2.0 / n * torch.einsum("bti,btj->ij", x, x)
+    torch.testing.assert_close(collector.stats["self_attn.q_proj"].H.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_input_groups_follow_the_forward_and_shared_inputs(family):
     from pyprune.models.capture import capture_layer0_inputs
