@@ -164,7 +164,7 @@ for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-
     CONFIGS[_name + "-seq"] = CONFIGS[_name] + ["--true-sequential"]
 
 # "-qdampF": GPTQ after pruning (and its refinement) dampened by F x mean diag(H) instead of 0.01.
-for _damp in ("0.003", "0.1", "0.3"):
+for _damp in ("0.1", "0.3"):
     CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-qdamp" + _damp] = (
         CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original"] + ["--quant-damp", _damp])
 
