@@ -38,32 +38,28 @@ def test_every_family_prunes_end_to_end(family, pattern):
             assert (W == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6)
 
 
-def test_layers_see_inputs_of_already_pruned_layers():
-    """Layer 1's Hessian must come from layer 0's *pruned* outputs (sequential pruning)."""
+def _hessians_by_call(model, solve_pattern=None, **options):
+    """The Hessian each sparsegpt call received, in call order (each call solved with
+    ``solve_pattern`` instead of the run's, if given)."""
     seen = []
     original = SOLVERS["sparsegpt"]
 
     def spy(W, stats, pattern, **kw):
         seen.append(stats.H.clone())
-        return original(W, stats, pattern, **kw)
+        return original(W, stats, solve_pattern or pattern, **kw)
 
     SOLVERS["sparsegpt"] = spy
     try:
-        run(tiny_model("llama"))
+        run(model, **options)
     finally:
         SOLVERS["sparsegpt"] = original
-    dense = tiny_model("llama")
-    seen_dense = []
+    return seen
 
-    def spy_dense(W, stats, pattern, **kw):
-        seen_dense.append(stats.H.clone())
-        return original(W, stats, SparsityPattern(sparsity=0.0), **kw)
 
-    SOLVERS["sparsegpt"] = spy_dense
-    try:
-        run(dense)
-    finally:
-        SOLVERS["sparsegpt"] = original
+def test_layers_see_inputs_of_already_pruned_layers():
+    """Layer 1's Hessian must come from layer 0's *pruned* outputs (sequential pruning)."""
+    seen = _hessians_by_call(tiny_model("llama"))
+    seen_dense = _hessians_by_call(tiny_model("llama"), solve_pattern=SparsityPattern(sparsity=0.0))
     per_layer = len(seen) // 2
     assert torch.allclose(seen[0], seen_dense[0])  # layer 0: identical inputs
     assert not torch.allclose(seen[per_layer], seen_dense[per_layer], rtol=1e-3)  # layer 1 differs
@@ -327,23 +323,6 @@ def test_input_groups_follow_the_forward_and_shared_inputs(family):
                          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     else:  # attention's input (q/k/v, or one fused Linear), its output, then the MLP's two Linears
         assert [len(g) for g in groups] == ([3, 1, 1, 1] if family == "opt" else [1, 1, 1, 1])
-
-
-def _hessians_by_call(model, **options):
-    """The Hessian each sparsegpt call received, in call order."""
-    seen = []
-    original = SOLVERS["sparsegpt"]
-
-    def spy(W, stats, pattern, **kw):
-        seen.append(stats.H.clone())
-        return original(W, stats, pattern, **kw)
-
-    SOLVERS["sparsegpt"] = spy
-    try:
-        run(model, **options)
-    finally:
-        SOLVERS["sparsegpt"] = original
-    return seen
 
 
 def test_true_sequential_calibrates_each_group_on_the_inputs_compressed_before_it():
