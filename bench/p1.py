@@ -173,6 +173,13 @@ for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-
               "gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine"):
     CONFIGS[_name + "-cap"] = CONFIGS[_name] + ["--sink-cap"]
 
+# "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
+# typical tokens, so 256 may no longer be the right W).
+for _weight in ("128", "512"):
+    for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-refine"):
+        CONFIGS[_name.replace("sink256", "sink" + _weight) + "-cap"] = [
+            _weight if _flag == "256" else _flag for _flag in CONFIGS[_name]] + ["--sink-cap"]
+
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-int4-g64-sink256-refine"):
