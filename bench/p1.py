@@ -313,7 +313,9 @@ def table(results):
             r = json.load(f)
         t, b, config = r["totals"], r["bench"], r.get("config") or {}
         q = r.get("quantization") or {}
-        sink = config.get("sink_weight") or 1  # reports from before the option: plain statistics
+        sink = f"{config.get('sink_weight') or 1:g}"  # reports from before the option: plain statistics
+        if config.get("sink_cap"):
+            sink += " capped"
         calib = (r.get("calibration") or {}).get("source", "c4")
         rel = _relative_error(t)
         machines.add(b.get("machine", "2 CPU cores, no GPU"))
@@ -328,7 +330,8 @@ def table(results):
              "Timings: " + ("one run at a time on the GPU; memory = peak GPU memory allocated."
                             if on_gpu else "a shared 2-core machine; threads 1 = two runs in parallel, "
                             "'default' = alone: compare loosely; memory = peak RSS."), "",
-             "'sink' = --sink-weight (the first token of each window counted as that many tokens in the statistics).",
+             "'sink' = --sink-weight (the first token of each window counted as that many tokens in the statistics); "
+             "'capped' = --sink-cap (that token's input first shrunk to its window's median length).",
              "'rel. error' = mean over the 210 Linears of ||(W - W')X||^2 / ||WX||^2 on the calibration inputs, "
              "W' the final weight (blank: not recorded by that run). Marked '*': the first recorded form, the "
              "solver's loss over ||W'X||^2 (the compressed weight's output); with quantization after the solver "
@@ -337,7 +340,7 @@ def table(results):
              "| prune s | eval s | memory MiB | threads |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, ppl, sp, bits, sink, calib, admm, rel, ps, es, mem, th in rows:
-        lines.append(f"| {name} | {ppl:.2f} | {sp:.3f} | {'' if bits is None else f'{bits:.3f}'} | {sink:g} | {calib} "
+        lines.append(f"| {name} | {ppl:.2f} | {sp:.3f} | {'' if bits is None else f'{bits:.3f}'} | {sink} | {calib} "
                      f"| {admm} | {rel} | {ps:.0f} | {es or 0:.0f} | {mem:.0f} | {th} |")
     with open(results.rstrip("/") + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
