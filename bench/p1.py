@@ -170,7 +170,8 @@ for _damp in ("0.1", "0.3"):
 
 # "-cap": --sink-cap (the first token's input row shrunk to its window's median row length first).
 for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-original",
-              "gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine"):
+              "gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
+              "sparsegpt-2of4-sink256", "sparsegpt-2of4-int4-g64-sink256-refine"):
     CONFIGS[_name + "-cap"] = CONFIGS[_name] + ["--sink-cap"]
 
 # "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
