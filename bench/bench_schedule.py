@@ -79,7 +79,7 @@ def cli_command(cfg, args):
     cmd = (f"pyprune prune smollm2-135m --method {cfg['method']} --sparsity {cfg['target']:g} "
            f"--schedule {cfg['schedule']} --nsamples {args.nsamples} --seqlen {args.seqlen} "
            f"--eval-windows {args.eval_windows} --eval-seqlen {args.eval_seqlen} --data-dir {args.data_dir} "
-           f"--dtype float32 --sink-weight {cfg.get('sink_weight', 1.0):g}")
+           f"--dtype float32 --sink-weight {cfg.get('sink_weight', 1.0):g} --no-sink-cap")
     if cfg["schedule"] == "hessian":
         cmd += (f" --levels {cfg['levels']} --sparsity-range {cfg['range'][0]:g} {cfg['range'][1]:g}"
                 f" --schedule-granularity {cfg['granularity']} --schedule-normalise {cfg['normalise']}")

@@ -6,7 +6,8 @@
     python bench/p1.py [--results DIR] grid       # DIR_grid.md: the method x sparsity grid
 
 Configurations named without "sink" pin --sink-weight 1 (plain statistics, as measured before the
-option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ).
+option existed); the "-sink256" ones use 256 (the CLI's default for sparsegpt and GPTQ). Those named
+"-cap" cap the first token (--sink-cap, the CLI's default above sink weight 1); the others pin --no-sink-cap.
 The "-self" ones replace the C4 calibration by 32 x 2048 tokens sampled from the dense model
 (seed 0, temperature 1.0, top-p 0.95, batches of 32, one 2048-token sample per window);
 "-selfeot" starts each row with <|endoftext|> instead of the tokenizer's BOS, "-selfeot-t08" also samples at temperature 0.8, and
@@ -201,6 +202,12 @@ for _flags in CONFIGS.values():
                 _flags += ["--refine-rounds", "0"]
             if "--refine-target" not in _flags:  # the default before "original"
                 _flags += ["--refine-target", "pruned"]
+
+# The configurations above with a sink weight above 1 and no "-cap" ran before --sink-cap became the
+# default there.
+for _flags in CONFIGS.values():
+    if "--sink-cap" not in _flags and "--sink-weight" in _flags and float(_flags[_flags.index("--sink-weight") + 1]) > 1:
+        _flags.append("--no-sink-cap")
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
 # so a name keeps meaning the flags of its recorded result ("-schedule" names the other variant).

@@ -60,10 +60,10 @@ def _add_calibration_args(p):
                         "as this many tokens in the Hessians and input norms (default: 256 for sparsegpt and for "
                         "GPTQ without pruning or after sparsegpt; 1 for wanda, magnitude and admm, whose masks "
                         "follow input norms)")
-    g.add_argument("--sink-cap", action="store_true",
+    g.add_argument("--sink-cap", action=argparse.BooleanOptionalAction, default=None,
                    help="before the sink weight, shrink the first token's input to the median length of its "
                         "window's other tokens where it is longer, so that a massive activation there does not "
-                        "make the whole Hessian of a Linear")
+                        "make the whole Hessian of a Linear (default: on where the sink weight is above 1)")
 
 
 def _add_solver_args(p):
@@ -433,6 +433,8 @@ def cmd_prune(args):
                          "collects none")
     if args.sink_weight is None:
         args.sink_weight = default_sink_weight(args.method, gptq)
+    if args.sink_cap is None:  # the cap makes the weight mean "W typical tokens" (pipeline.statistics)
+        args.sink_cap = needs_calibration and args.sink_weight > 1.0
     calib = _calibration_source(args) if needs_calibration else None
     _check_inputs_before_loading(args, target, needs_calibration, calib)
     if args.resume and args.wbits == 4:

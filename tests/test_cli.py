@@ -149,6 +149,22 @@ def test_quant_damp_reaches_gptq_after_pruning_and_leaves_the_pruning_alone(tiny
             assert record["quant_damp"] == pytest.approx(damp)
 
 
+@pytest.mark.parametrize("method, extra, capped", [
+    ("sparsegpt", [], True),  # sink weight 256 by default
+    ("sparsegpt", ["--no-sink-cap"], False),
+    ("sparsegpt", ["--sink-weight", "1"], False),
+    ("wanda", [], False),  # sink weight 1 by default
+    ("wanda", ["--sink-weight", "4"], True),
+])
+def test_sink_cap_defaults_to_on_where_the_sink_weight_is_above_one(tiny_saved_model, tmp_path, method, extra,
+                                                                     capped):
+    model_dir, data = tiny_saved_model
+    path = tmp_path / "report.json"
+    assert main(prune_args(model_dir, data, "--method", method, "--sparsity", "0.5", *extra,
+                           "--report", str(path))) == 0
+    assert json.loads(path.read_text())["config"]["sink_cap"] is capped
+
+
 def test_true_sequential_run_is_recorded_and_changes_the_later_groups(tiny_saved_model, tmp_path):
     model_dir, data = tiny_saved_model
     reports = {}
@@ -285,6 +301,7 @@ def test_streamed_prune_matches_in_memory(tiny_saved_model, tmp_path, method):
     assert [r["config"]["layer_loss"] for r in reports] == [False, True]
     # the attention sink is weighted by default where a Hessian drives a reconstruction
     assert {r["config"]["sink_weight"] for r in reports} == {256.0 if method == "sparsegpt" else 1.0}
+    assert {r["config"]["sink_cap"] for r in reports} == {method == "sparsegpt"}
     losses = [[x["loss"] for x in r["linears"]] for r in reports]
     assert all(v == v for v in losses[1])  # reported in memory
     assert all(v == v for v in losses[0]) == (method == "sparsegpt")  # wanda streamed: nan

@@ -13,7 +13,7 @@ and value, while the plain Hessian weighs it as one token among ``seqlen``.
 the window's other rows. A Linear whose input carries a massive activation on the first token
 (SmolLM2-135M's layer-11 down_proj: ~3,300 there, below ~15 elsewhere) otherwise has a Hessian
 made of that one token, even at sink weight 1, and GPTQ then fits it alone: on held-out tokens
-its error on every other token ended above RTN's.
+its error on every other token ended above RTN's. The CLI caps wherever the sink weight is above 1.
 
 Linears that read the same tensor (q/k/v, gate/up) would compute the same ``x^T x``: within a
 batch, the first of them accumulates and the others, having seen exactly the same inputs so far,
