@@ -206,7 +206,8 @@ for _flags in CONFIGS.values():
 # The configurations above with a sink weight above 1 and no "-cap" ran before --sink-cap became the
 # default there.
 for _flags in CONFIGS.values():
-    if "--sink-cap" not in _flags and "--sink-weight" in _flags and float(_flags[_flags.index("--sink-weight") + 1]) > 1:
+    _weighted = "--sink-weight" in _flags and float(_flags[_flags.index("--sink-weight") + 1]) > 1
+    if _weighted and "--sink-cap" not in _flags:
         _flags.append("--no-sink-cap")
 
 # Every ADMM-Grad configuration above ran while "final" was the CLI's re-selection default: pin it,
