@@ -174,6 +174,9 @@ for _name in ("sparsegpt-50-sink256", "sparsegpt-50-int4-g64-sink256-act-refine-
               "gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-sink256", "sparsegpt-2of4-int4-g64-sink256-refine"):
     CONFIGS[_name + "-cap"] = CONFIGS[_name] + ["--sink-cap"]
+CONFIGS["sparsegpt-50-int4-g64-sink256-refine8-cap"] = CONFIGS["sparsegpt-50-int4-g64-sink256-refine8"] + ["--sink-cap"]
+CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap-seq"] = (CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap"]
+                                                          + ["--true-sequential"])
 
 # "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
 # typical tokens, so 256 may no longer be the right W).
