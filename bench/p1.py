@@ -185,6 +185,17 @@ for _weight in ("128", "512"):
         CONFIGS[_name.replace("sink256", "sink" + _weight) + "-cap"] = [
             _weight if _flag == "256" else _flag for _flag in CONFIGS[_name]] + ["--sink-cap"]
 
+# "-teacher": GPTQ after pruning calibrated against the pruned, unquantized model (--int4-teacher,
+# pyprune.ops.teacher), its target's solve dampened by 1 x mean diag(H) ("-tdF": by F).
+CONFIGS["sparsegpt-2of4-int4-g64-sink256-act-refine-original-cap"] = (
+    CONFIGS["sparsegpt-2of4-int4-g64-sink256-act-refine-original"] + ["--sink-cap"])
+for _name in ("sparsegpt-50-int4-g64-sink256-act-refine-original-cap", "gptq-int4-g64-sink256-act-refine-cap",
+              "sparsegpt-2of4-int4-g64-sink256-act-refine-original-cap",
+              "admm-grad-50-int4-g64-sink256-act-refine", "admm-grad-70-hessian-int4-g64-act-refine"):
+    CONFIGS[_name + "-teacher"] = CONFIGS[_name] + ["--int4-teacher"]
+    for _damp in ("0.1", "0.01"):
+        CONFIGS[f"{_name}-teacher-td{_damp}"] = CONFIGS[_name] + ["--int4-teacher", "--teacher-damp", _damp]
+
 # "-signed" / "-signed-mse": the refined configurations with signed scales (all 16 INT4 levels).
 for _name in ("gptq-int4-g64-sink256-act-refine", "sparsegpt-50-int4-g64-sink256-refine",
               "sparsegpt-2of4-int4-g64-sink256-refine"):

@@ -9,7 +9,7 @@ import torch
 
 from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
-from pyprune.solvers.quantize import REFINE_TARGETS
+from pyprune.solvers.quantize import DEFAULT_TEACHER_DAMP, REFINE_TARGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "none")
@@ -117,7 +117,8 @@ def _add_quant_args(p):
     g.add_argument("--groupsize", type=int, default=128, help="INT4 columns per scale (32, 64, 128, 256; -1 per channel)")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ in decreasing Hessian-diagonal order, static groups, after pruning (default: "
-                        "on, except with --method sparsegpt, which then prunes and quantizes in one sweep)")
+                        "on, except with --method sparsegpt without --int4-teacher, which then prunes and "
+                        "quantizes in one sweep)")
     g.add_argument("--quant-method", default="gptq", choices=["gptq", "rtn"], help="INT4 quantizer")
     g.add_argument("--scale-fit", default="minmax", choices=list(SCALE_FITS),
                    help="INT4 group scales: minmax (max|w|/7), signed (the sign of the scale gives the 8th "
@@ -131,6 +132,14 @@ def _add_quant_args(p):
                    help="GPTQ: N rounds revisiting every code (coordinate descent) and every group scale "
                         "(least squares) after the sweep; never raises the layer loss "
                         f"(default {int4_refine.DEFAULT_ROUNDS} with GPTQ, 0 = off)")
+    g.add_argument("--int4-teacher", action="store_true",
+                   help="GPTQ after pruning: calibrate each Linear against the pruned, unquantized model (its "
+                        "output on its own inputs) instead of only on the quantized model's drifted inputs; prunes "
+                        "exactly as without INT4, then quantizes group by group within each layer (no joint "
+                        "sweep: implies --act-order with sparsegpt); keeps two activation streams")
+    g.add_argument("--teacher-damp", type=float, default=None, metavar="F",
+                   help="--int4-teacher: dampening of the target's least-squares solve, x mean diag(H) "
+                        f"(default {DEFAULT_TEACHER_DAMP}; smaller fits the calibration data harder)")
     g.add_argument("--refine-target", default="original", choices=list(REFINE_TARGETS),
                    help="after a pruning solver, the refinement aims at the original weight (default: kept "
                         "codes also take up the pruning error) or at the pruned one; the joint SparseGPT "
@@ -295,6 +304,18 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
         raise ValueError("--refine-rounds is a GPTQ option; it cannot be used with --quant-method rtn")
     if args.refine_rounds < 0:
         raise ValueError(f"--refine-rounds {args.refine_rounds}: must be >= 0 (0 = no refinement)")
+    if args.teacher_damp is not None and not (args.int4_teacher and args.teacher_damp > 0):
+        raise ValueError(f"--teacher-damp {args.teacher_damp}: needs --int4-teacher and a value > 0")
+    if args.int4_teacher:
+        from pyprune.pipeline.distributed import world_size_from_env
+
+        if not (args.wbits == 4 and args.quant_method == "gptq"):
+            raise ValueError("--int4-teacher calibrates GPTQ: it needs --wbits 4 and --quant-method gptq")
+        if args.stream or args.activations == "disk" or world_size_from_env() > 1:
+            raise ValueError("--int4-teacher keeps two activation streams in memory: it cannot be used with "
+                             "--stream, --activations disk or a distributed run")
+        if args.resume or args.progress_dir:
+            raise ValueError("--int4-teacher runs keep no progress folder: drop --resume / --progress-dir")
 
 
 def _self_calib_options(args):
@@ -354,8 +375,10 @@ def _solver_and_options(args, target):
                    "precision": args.admm_precision}
     quantizer = None
     if args.wbits == 4:
+        teacher_damp = DEFAULT_TEACHER_DAMP if args.teacher_damp is None else args.teacher_damp
         quantizer = LayerQuantizer(args.quant_method, args.groupsize, args.act_order, nm=target.nm,
                                    refine_target=args.refine_target, scale_fit=args.scale_fit,
+                                   teacher_damp=teacher_damp,
                                    **({"damp": args.quant_damp, "blocksize": args.blocksize,
                                        "refine_rounds": args.refine_rounds}
                                       if args.quant_method == "gptq" else {}))
@@ -399,6 +422,11 @@ def cmd_prune(args):
         args.final_solve = args.method == "admm"
     elif args.final_solve and args.method not in ("admm", "sparsegpt"):
         raise ValueError(f"--final-solve applies to --method admm or sparsegpt, not {args.method!r}")
+    if args.int4_teacher and args.method == "sparsegpt" and gptq:
+        if args.act_order is False:
+            raise ValueError("--int4-teacher quantizes after pruning; the joint SparseGPT + INT4 sweep "
+                             "(--no-act-order) has no pruned, unquantized model: drop one of them")
+        args.act_order = True
     if args.final_solve and args.method == "sparsegpt" and gptq:
         if args.act_order is False:
             raise ValueError("--final-solve with SparseGPT and --wbits 4 prunes before GPTQ; the joint sweep "
@@ -449,7 +477,7 @@ def cmd_prune(args):
         from pyprune.pipeline.distributed import local_device
 
         device = local_device()  # under torchrun, each process takes its own GPU
-    progress_dir = args.progress_dir or (args.save + ".progress" if args.save else None)
+    progress_dir = args.progress_dir or (args.save + ".progress" if args.save and not args.int4_teacher else None)
     if args.resume and not progress_dir:
         raise ValueError("--resume needs --progress-dir (or --save, whose progress folder is SAVE.progress)")
 
@@ -477,6 +505,7 @@ def cmd_prune(args):
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
                          show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,
                          sink_weight=args.sink_weight, sink_cap=args.sink_cap, true_sequential=args.true_sequential,
+                         teacher=args.int4_teacher,
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
     if args.stream:
@@ -507,6 +536,8 @@ def cmd_prune(args):
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
                                   "refine_rounds": args.refine_rounds, "refine_target": args.refine_target,
                                   "damp": args.quant_damp if args.quant_method == "gptq" else None,
+                                  "int4_teacher": args.int4_teacher,
+                                  "teacher_damp": quantizer.teacher_damp if args.int4_teacher else None,
                                   "bits_per_weight": cost.bits_per_weight,
                                   "compressed_bytes": cost.nbytes, "fp16_bytes": 2 * report["totals"]["parameters"]}
     if distributed is not None and not distributed.is_main:

@@ -10,8 +10,15 @@ With ``true_sequential`` step 3 goes through the layer's Linears group by group,
 forward reaches them (Linears that read the same tensor form one group: q/k/v, o, gate/up, down):
 each group's statistics are collected with the groups before it already compressed, so a Linear
 is calibrated on the inputs it will really see.
+
+With ``teacher`` a second stream of activations runs beside the first: the teacher, the model
+pruned but not quantized. Each layer is first pruned on the teacher's statistics, exactly as in the
+run without quantization; then the quantizer goes group by group (as with ``true_sequential``) on
+the quantized model's own inputs plus their cross term with the teacher's (``pyprune.ops.teacher``),
+so that each Linear reproduces the teacher's output from the drifted inputs it really sees.
 """
 import contextlib
+import copy
 import hashlib
 import os
 import sys
@@ -30,7 +37,9 @@ from pyprune.models.families import (
 from pyprune.pipeline.activations import ActivationStore, check_storage, estimate_for_run, format_estimate
 from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
-from pyprune.pipeline.statistics import HessianCollector, InputNormCollector, StatisticsComplete, check_sink_weight
+from pyprune.pipeline.statistics import (
+    HessianCollector, InputNormCollector, InputRecorder, PairedCollector, StatisticsComplete, check_sink_weight,
+)
 from pyprune.solvers import get_solver, statistics_needed
 from pyprune.solvers.base import LayerStats, output_energy, reconstruction_loss
 
@@ -56,6 +65,8 @@ class RunOptions:
     sink_cap: bool = False
     # Collect statistics and solve group by group within each layer (module docstring).
     true_sequential: bool = False
+    # Calibrate the quantizer (post_solve) against the pruned, unquantized model (module docstring).
+    teacher: bool = False
 
     def __post_init__(self):
         check_storage(self.activations)
@@ -103,6 +114,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
         raise ValueError(f"schedule {getattr(schedule, 'name', schedule)!r} corrects its plan online from the "
                          "statistics of a whole layer, which true_sequential collects group by group: "
                          "use it without online correction or without true_sequential")
+    if options.teacher:
+        _check_teacher_run(solve, post_solve, statistics, options, layer_io)
     device = torch.device(options.device)
     store = ActivationStore(options.activations, device, options.activations_dir)
     dist = options.distributed
@@ -150,11 +163,19 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
         with layer_io.capturing(local_tokens) if layer_io is not None else contextlib.nullcontext():
             fresh, kwargs = store.capture(model, local_tokens, options.batch_size)
         inputs = fresh if inputs is None else store.adopt(inputs)
+    teacher_inputs = inputs.clone() if options.teacher else None  # both models see the same layer-0 inputs
 
     bar = tqdm(range(first, len(layers)), desc="layers", disable=not options.show_progress)
     for index in bar:
         layer = (layer_io.load_layer(index) if layer_io is not None else layers[index]).to(device)
         linears = prunable_linears(layer)
+        if options.teacher:
+            layer_records, teacher_inputs, inputs = _solve_layer_with_teacher(
+                layer, index, f"{prefix}.{index}", linears, teacher_inputs, inputs, kwargs, solve, statistics,
+                schedule, solver_options, post_solve, options, device, store, bar, index + 1 == len(layers))
+            records.extend(layer_records)
+            layers[index] = layer.to("cpu")
+            continue
         groups = [linears]
         if options.true_sequential and needs_stats:
             groups = input_groups(layer, linears, store.batch(inputs, 0, options.batch_size, device), kwargs)
@@ -246,6 +267,89 @@ def input_groups(layer, linears, batch, kwargs) -> list:
     return groups
 
 
+def _check_teacher_run(solve, post_solve, statistics, options, layer_io):
+    """Teacher calibration needs a quantizer that reads Hessians and both activation streams in memory."""
+    if post_solve is None or not getattr(post_solve, "needs_statistics", True) or statistics != "hessian":
+        raise ValueError("teacher calibration needs a quantizer that reads calibration statistics (GPTQ) "
+                         "after the pruning solver")
+    if getattr(solve, "joint_int4", False):
+        raise ValueError("teacher calibration cannot be used with the joint SparseGPT + INT4 sweep: it has no "
+                         "pruned, unquantized model to calibrate against (prune first, then quantize)")
+    if layer_io is not None or options.distributed is not None:
+        raise ValueError("teacher calibration is not supported in streamed or distributed runs")
+    if options.progress_dir or options.resume:
+        raise ValueError("teacher calibration runs keep no progress folder (it holds one activation stream): "
+                         "they cannot resume")
+    if options.activations == "disk":
+        raise ValueError("teacher calibration keeps two activation streams: use activations 'device' or 'cpu'")
+
+
+def _solve_layer_with_teacher(layer, index, prefix, linears, teacher_inputs, inputs, kwargs, solve, statistics,
+                              schedule, solver_options, post_solve, options, device, store, bar, last):
+    """One decoder layer of a teacher run; returns ``(records, next teacher inputs, next own inputs)``
+    (no next inputs after the ``last`` layer).
+
+    The pruning solver runs on the teacher's statistics (group by group with ``true_sequential``),
+    as the run without quantization does; a copy of the pruned layer is the teacher. Then every
+    group's quantizer statistics are collected with the groups before it quantized, each batch
+    through the teacher first (its Linears' inputs recorded) and then through the layer itself."""
+    originals = {name: weight_matrix(m).clone() for name, m in linears}
+    pruned, seconds = {}, {}
+    groups = [linears]
+    if options.true_sequential:
+        groups = input_groups(layer, linears, store.batch(teacher_inputs, 0, options.batch_size, device), kwargs)
+    for group in groups:
+        stats = _collect_statistics(statistics, layer, group, teacher_inputs, kwargs, options, device, store)
+        schedule.observe(index, stats, {name: weight_matrix(m) for name, m in group})
+        for name, module in group:
+            bar.set_postfix_str(f"{name} (prune)")
+            t0 = time.time()
+            pattern = schedule.pattern_for(index, name)
+            pruned[name] = (solve(weight_matrix(module), stats[name], pattern, **solver_options), pattern)
+            seconds[name] = time.time() - t0
+            stats[name] = None
+            set_weight_matrix(module, pruned[name][0].weight.to(weight_matrix(module).dtype))
+    teacher_layer = copy.deepcopy(layer)  # holds the pruned, unquantized weights
+    teacher_linears = dict(prunable_linears(teacher_layer))
+    records = []
+    for group in input_groups(layer, linears, store.batch(inputs, 0, options.batch_size, device), kwargs):
+        stats = _collect_paired_statistics(layer, group, teacher_layer, [(n, teacher_linears[n]) for n, _ in group],
+                                           teacher_inputs, inputs, kwargs, options, device, store)
+        for name, module in group:
+            bar.set_postfix_str(f"{name} (quantize)")
+            result, pattern = pruned[name]
+            record = _finish_one(f"{prefix}.{name}", module, originals[name], result, pattern, stats[name],
+                                 post_solve)
+            record["seconds"] += seconds[name]
+            records.append(record)
+            stats[name] = None
+    if last:
+        return records, None, None
+    teacher_inputs = _forward_all(teacher_layer, teacher_inputs, kwargs, options.batch_size, device, store)
+    inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device, store)
+    return records, teacher_inputs, inputs
+
+
+def _collect_paired_statistics(layer, group, teacher_layer, teacher_group, teacher_inputs, inputs, kwargs, options,
+                               device, store):
+    """The group's Hessians on ``inputs`` with their cross terms against ``teacher_inputs``."""
+    recorder = InputRecorder(teacher_group, stop_when_complete=True)
+    collector = PairedCollector(group, device, recorder.inputs, stop_when_complete=True,
+                                sink_weight=options.sink_weight, sink_cap=options.sink_cap)
+    with recorder, collector:
+        for start in range(0, inputs.shape[0], options.batch_size):
+            recorder.new_batch()
+            collector.new_batch()
+            collector.teacher = recorder.inputs
+            for module, stream in ((teacher_layer, teacher_inputs), (layer, inputs)):
+                batch = store.batch(stream, start, options.batch_size, device)
+                try:
+                    run_layer(module, batch, kwargs[batch.shape[0]])
+                except StatisticsComplete:  # every Linear of the group has its input
+                    pass
+    return collector.stats
+
+
 def _collect_statistics(kind, layer, linears, inputs, kwargs, options, device, store):
     collector_class = HessianCollector if kind == "hessian" else InputNormCollector
     with collector_class(linears, device, stop_when_complete=True, sink_weight=options.sink_weight,
@@ -272,6 +376,16 @@ def _solve_one(full_name, module, solve, stats: Optional[LayerStats], pattern, s
     W = weight_matrix(module)
     t0 = time.time()
     result = solve(W, stats, pattern, **solver_options)
+    solver_seconds = time.time() - t0
+    record = _finish_one(full_name, module, W, result, pattern, stats, post_solve)
+    record["seconds"] += solver_seconds
+    return record
+
+
+def _finish_one(full_name, module, W, result, pattern, stats: Optional[LayerStats], post_solve):
+    """``post_solve`` the solver's result, write the weight into ``module`` and return the report
+    record (``W``: the weight before the solver; its ``seconds`` count the post_solve only)."""
+    t0 = time.time()
     W_new, extra = result.weight, {}
     if post_solve is not None:
         W_new, extra = post_solve(full_name, W_new, result, stats, original=W)

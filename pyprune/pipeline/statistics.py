@@ -19,15 +19,21 @@ Linears that read the same tensor (q/k/v, gate/up) would compute the same ``x^T 
 batch, the first of them accumulates and the others, having seen exactly the same inputs so far,
 copy its Hessian instead of recomputing it.
 
+Teacher calibration (``pyprune.ops.teacher``) pairs two forwards of the same windows:
+:class:`InputRecorder` keeps each Linear's input in the teacher, then :class:`PairedCollector`
+folds the model's own inputs into its Hessians plus their cross term with the teacher's.
+
 With ``stop_when_complete`` the collector ends the layer's forward (by raising
 :class:`StatisticsComplete`) as soon as every Linear has seen its input for the batch: the last
 Linear's product and whatever follows it are not needed for statistics (the layer runs again with
 the pruned weights to produce the next layer's inputs).
 """
+from typing import Optional
+
 import torch
 
 from pyprune.models.families import weight_matrix
-from pyprune.ops.hessian import accumulate_hessian
+from pyprune.ops.hessian import accumulate_hessian, no_tf32
 from pyprune.solvers.base import LayerStats
 
 
@@ -48,19 +54,34 @@ def default_sink_weight(method: str, gptq: bool = False) -> float:
     return SINK_WEIGHT if method == "sparsegpt" or (method == "none" and gptq) else 1.0
 
 
-def sink_weighted_rows(source: torch.Tensor, sink_weight: float, sink_cap: bool = False) -> torch.Tensor:
+def sink_factors(source: torch.Tensor, sink_weight: float, sink_cap: bool = False):
+    """``[batch]`` factors of the first position's outer product in each window of a
+    ``[batch, seq, features]`` input: ``sink_weight``, with ``sink_cap`` first multiplied by
+    ``median length^2 / its length^2`` where that is below 1; None where every factor is 1."""
+    x = source.detach()
+    if x.dim() != 3 or not (sink_weight != 1.0 or (sink_cap and x.shape[1] > 1)):
+        return None
+    factor = torch.full((x.shape[0],), float(sink_weight), dtype=torch.float32, device=x.device)
+    if sink_cap and x.shape[1] > 1:
+        energy = x.float().pow(2).sum(-1)  # [batch, seq]
+        typical = energy[:, 1:].median(dim=1).values
+        factor *= (typical / energy[:, 0].clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+    return factor
+
+
+def sink_weighted_rows(source: torch.Tensor, sink_weight: float, sink_cap: bool = False,
+                       factors: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[tokens, features]`` rows of a ``[batch, seq, features]`` input, position 0 scaled by
     ``sqrt(sink_weight)`` (so its outer product counts ``sink_weight`` times); with ``sink_cap``
-    first shrunk, where longer, to the median length of the other positions of its window."""
+    first shrunk, where longer, to the median length of the other positions of its window.
+    ``factors`` (from :func:`sink_factors`) overrides both: a teacher's rows take the factors of
+    the rows they are paired with."""
     x = source.detach()
-    if x.dim() == 3 and (sink_weight != 1.0 or (sink_cap and x.shape[1] > 1)):
+    if factors is None:
+        factors = sink_factors(x, sink_weight, sink_cap)
+    if factors is not None:
         x = x.clone()
-        factor = torch.full((x.shape[0],), float(sink_weight), dtype=torch.float32, device=x.device)
-        if sink_cap and x.shape[1] > 1:
-            energy = x.float().pow(2).sum(-1)  # [batch, seq]
-            typical = energy[:, 1:].median(dim=1).values
-            factor *= (typical / energy[:, 0].clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
-        x[:, 0] *= factor.sqrt().to(x.dtype)[:, None]
+        x[:, 0] *= factors.sqrt().to(x.dtype)[:, None]
     return x.reshape(-1, x.shape[-1])
 
 
@@ -140,6 +161,50 @@ class HessianCollector(_InputHooks):
         # Keeping ``source`` referenced until the batch ends stops its memory from being
         # reused by a different tensor at the same address within this batch.
         self._owner_of_input[key] = (stats, source)
+
+
+class InputRecorder(_InputHooks):
+    """Context manager: ``inputs[name]``, each Linear's input of the current batch (the teacher's
+    side of :class:`PairedCollector`)."""
+
+    def __init__(self, linears, stop_when_complete: bool = False):
+        super().__init__(linears, stop_when_complete, 1.0)
+        self.inputs = {}
+
+    def new_batch(self):
+        super().new_batch()
+        self.inputs = {}
+
+    def _accumulate(self, name, source):
+        self.inputs[name] = source.detach()
+
+
+class PairedCollector(HessianCollector):
+    """Context manager: each Linear's Hessian and, in ``stats[name].cross``, the running mean
+    ``(2/n) sum x~ x^T`` of the teacher's input ``x~`` (``teacher[name]``, recorded on the same
+    windows) against its own ``x``. Both rows carry the first position's factor of the own rows."""
+
+    def __init__(self, linears, device, teacher: dict, stop_when_complete: bool = False,
+                 sink_weight: float = 1.0, sink_cap: bool = False):
+        super().__init__(linears, device, stop_when_complete, sink_weight, sink_cap)
+        self.teacher = teacher
+        for stats in self.stats.values():
+            stats.cross = torch.zeros_like(stats.H)
+
+    def _accumulate(self, name, source):
+        theirs = self.teacher.get(name)
+        if theirs is None or theirs.shape != source.shape:
+            raise RuntimeError(f"{name}: the teacher's input for this batch is missing or has another shape "
+                               "(record the teacher on the same windows first)")
+        stats = self.stats[name]
+        before = stats.nsamples
+        super()._accumulate(name, source)
+        factors = sink_factors(source, self.sink_weight, self.sink_cap)
+        x = sink_weighted_rows(source, self.sink_weight, factors=factors).float()
+        x_teacher = sink_weighted_rows(theirs.to(source.device), self.sink_weight, factors=factors).float()
+        with no_tf32():
+            stats.cross.mul_(before / stats.nsamples)
+            stats.cross.addmm_(x_teacher.t(), x, alpha=2.0 / stats.nsamples)
 
 
 class InputNormCollector(_InputHooks):

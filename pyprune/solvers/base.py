@@ -19,11 +19,14 @@ class LayerStats:
     ``nsamples``: number of input rows (tokens) folded into ``H``.
     ``diagonal``: ``(2/n) * sum x_j^2`` ``[in]``, the diagonal of ``H``, for solvers that need only
     that (wanda) when the full ``H`` was not collected.
+    ``cross``: ``(2/n) * sum x~ x^T`` ``[in, in]``, ``x~`` the same Linear's input in a teacher
+    model on the same tokens (``pyprune.ops.teacher``); None outside teacher calibration.
     """
 
     H: Optional[torch.Tensor] = None
     nsamples: int = 0
     diagonal: Optional[torch.Tensor] = None
+    cross: Optional[torch.Tensor] = None
 
     def input_norms(self) -> torch.Tensor:
         """Per input column ``||x_j||_2`` up to one common factor (all a row-wise ranking needs)."""

@@ -12,6 +12,7 @@ import torch
 
 from pyprune.ops import int4_grid, int4_refine
 from pyprune.ops.obs_sweep import QuantSpec
+from pyprune.ops.teacher import teacher_target
 from pyprune.solvers import gptq, rtn, sparsegpt
 from pyprune.solvers.base import LayerStats, SolverResult
 from pyprune.solvers.compressed_size import StorageCost, layer_storage, total_storage
@@ -106,7 +107,12 @@ def sparsegpt_int4_solver(groupsize: int = 128, scale_fit: str = "minmax", refin
         info = dict(q.info, quant_result=q)
         return SolverResult(q.weight, q.pruned, q.loss, info)
 
+    solve.joint_int4 = True  # pruning and INT4 in one sweep: no pruned, unquantized weight exists
     return solve
+
+
+# Dampening of the teacher target's solve, x mean diag H (pyprune.ops.teacher).
+DEFAULT_TEACHER_DAMP = 1.0
 
 
 class LayerQuantizer:
@@ -121,29 +127,48 @@ class LayerQuantizer:
     default) aims GPTQ's refinement at the weight before pruning (the hook's ``original``), the
     weight every layer error is measured against, so kept codes also take up the pruning solver's
     error; ``"pruned"`` aims it at the solver's output.
+
+    Statistics with a teacher cross term (``stats.cross``: the runner's teacher calibration) make
+    GPTQ aim at the teacher's outputs: the sweep at the teacher target of the pruned weight, the
+    refinement at that of its own target (``pyprune.ops.teacher``, solved with ``teacher_damp`` x
+    mean diag H).
     """
 
     needs_statistics = True
 
     def __init__(self, method: str = "gptq", groupsize: int = 128, act_order: bool = False,
-                 nm: Optional[tuple] = None, refine_target: str = "original", **options):
+                 nm: Optional[tuple] = None, refine_target: str = "original",
+                 teacher_damp: float = DEFAULT_TEACHER_DAMP, **options):
         if method not in QUANTIZERS:
             raise ValueError(f"unknown quantization method {method!r}; allowed: {', '.join(sorted(QUANTIZERS))}")
         if refine_target not in REFINE_TARGETS:
             raise ValueError(f"refine_target={refine_target!r}; allowed: {', '.join(REFINE_TARGETS)}")
+        if not teacher_damp > 0:
+            raise ValueError(f"teacher_damp={teacher_damp!r}: must be > 0 (it keeps the target's solve regular)")
         self.method, self.groupsize, self.act_order, self.nm = method, groupsize, act_order, nm
-        self.refine_target = refine_target
+        self.refine_target, self.teacher_damp = refine_target, teacher_damp
         self.options = options
         self.needs_statistics = method != "rtn"
         self.results = {}
 
     def __call__(self, name, W_pruned, solver_result, stats, original=None):
         q = solver_result.info.get("quant_result")
+        teacher = stats is not None and stats.cross is not None
+        if q is not None and teacher:
+            raise ValueError(f"{name}: the joint SparseGPT + INT4 sweep cannot be calibrated against a teacher")
+        teacher_fields = {}
         if q is None:
             options = dict(self.options)
             if self.refine_target == "original" and original is not None and self.method == "gptq":
                 options["refine_target"] = original
-            q = quantize_layer(W_pruned, stats, method=self.method, groupsize=self.groupsize,
+            target = W_pruned
+            if teacher:
+                target = teacher_target(W_pruned, stats.H, stats.cross, self.teacher_damp)
+                if "refine_target" in options:
+                    options["refine_target"] = teacher_target(original, stats.H, stats.cross, self.teacher_damp)
+                shift = (target - W_pruned.float()).norm() / W_pruned.float().norm().clamp_min(1e-30)
+                teacher_fields = {"teacher_damp": self.teacher_damp, "teacher_target_shift": float(shift)}
+            q = quantize_layer(target, stats, method=self.method, groupsize=self.groupsize,
                                act_order=self.act_order, pruned=solver_result.pruned, **options)
             if not torch.equal(q.pruned, solver_result.pruned):
                 raise AssertionError(f"{name}: quantization changed the sparsity mask")
@@ -166,6 +191,7 @@ class LayerQuantizer:
             fields["refine_loss_ratio"] = q.info["refine_loss_ratio"]
         if "damp" in q.info:  # GPTQ's, after a possible retry; the pruning solver's stays "damp"
             fields["quant_damp"] = q.info["damp"]
+        fields.update(teacher_fields)
         return q.weight, fields
 
     def storage(self) -> StorageCost:
