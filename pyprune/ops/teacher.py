@@ -11,8 +11,8 @@ With ``H = (2/n) X X^T`` and ``C = (2/n) X~ X^T`` that objective equals, up to a
 
     W* = W + W (C - H) (H + lambda I)^-1,
 
-the least-squares weight on the drifted inputs, regularised towards ``W`` by the same dampening
-``lambda`` the sweep adds to ``H`` (``lambda = damp * mean(diag H)``). So any quantizer of the
+the least-squares weight on the drifted inputs, regularised towards ``W`` by a dampening
+``lambda = damp_fraction * mean(diag H)`` of its own. So any quantizer of the
 ``||(W* - Q) X||^2`` form (GPTQ, mask-preserving GPTQ, the refinement) reaches the teacher
 objective just by being given ``W*`` as its target. With ``X~ = X`` the target is ``W`` itself.
 
@@ -22,8 +22,9 @@ and compensates them into kept weights, like any other pruned weight.
 ``X`` must be the inputs the Linear will really see: within a decoder layer, collected after the
 Linears before it are quantized (the runner collects group by group). Collected from the layer with
 its earlier Linears still unquantized, ``X`` lacks the drift those Linears add, and their own
-correction and this one undo the same teacher error twice: under protocol P1 that doubled
-correction took GPTQ's perplexity from 32 to 180 on a small calibration set.
+correction and this one undo the same teacher error twice: on SmolLM2-135M that doubled
+correction took GPTQ INT4 from 32 to 180 perplexity (8 x 512 calibration tokens, 4 evaluation
+windows), and to 482 under protocol P1.
 """
 import torch
 
