@@ -149,7 +149,10 @@ class HessianCollector(_InputHooks):
         self._owner_of_input.clear()
 
     def _accumulate(self, name, source):
-        x = sink_weighted_rows(source, self.sink_weight, self.sink_cap)
+        self._fold(name, source, sink_weighted_rows(source, self.sink_weight, self.sink_cap))
+
+    def _fold(self, name, source, x):
+        """Fold the rows ``x`` of ``source`` into ``stats[name].H``."""
         stats = self.stats[name]
         key = (source.data_ptr(), tuple(source.shape), source.stride(), source.dtype, source.device)
         owner = self._owner_of_input.get(key)
@@ -198,9 +201,10 @@ class PairedCollector(HessianCollector):
                                "(record the teacher on the same windows first)")
         stats = self.stats[name]
         before = stats.nsamples
-        super()._accumulate(name, source)
         factors = sink_factors(source, self.sink_weight, self.sink_cap)
-        x = sink_weighted_rows(source, self.sink_weight, factors=factors).float()
+        x = sink_weighted_rows(source, self.sink_weight, factors=factors)
+        self._fold(name, source, x)
+        x = x.float()
         x_teacher = sink_weighted_rows(theirs.to(source.device), self.sink_weight, factors=factors).float()
         with no_tf32():
             stats.cross.mul_(before / stats.nsamples)

@@ -163,9 +163,13 @@ class LayerQuantizer:
                 options["refine_target"] = original
             target = W_pruned
             if teacher:
-                target = teacher_target(W_pruned, stats.H, stats.cross, self.teacher_damp)
-                if "refine_target" in options:
-                    options["refine_target"] = teacher_target(original, stats.H, stats.cross, self.teacher_damp)
+                # The target is linear in the weight, row by row: one solve serves both weights.
+                bases = [W_pruned] + ([options["refine_target"]] if "refine_target" in options else [])
+                targets = teacher_target(torch.cat([b.float() for b in bases]), stats.H, stats.cross,
+                                         self.teacher_damp).split(W_pruned.shape[0])
+                target = targets[0]
+                if len(targets) > 1:
+                    options["refine_target"] = targets[1]
                 shift = (target - W_pruned.float()).norm() / W_pruned.float().norm().clamp_min(1e-30)
                 teacher_fields = {"teacher_damp": self.teacher_damp, "teacher_target_shift": float(shift)}
             q = quantize_layer(target, stats, method=self.method, groupsize=self.groupsize,
