@@ -178,6 +178,11 @@ CONFIGS["sparsegpt-50-int4-g64-sink256-refine8-cap"] = CONFIGS["sparsegpt-50-int
 CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap-seq"] = (CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap"]
                                                           + ["--true-sequential"])
 
+# "-cap-qdampF": the capped act-order path with less GPTQ dampening (0.1 and 0.3 were worse than 0.01).
+for _damp in ("0.001", "0.003"):
+    CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-cap-qdamp" + _damp] = (
+        CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-cap"] + ["--quant-damp", _damp])
+
 # "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
 # typical tokens, so 256 may no longer be the right W).
 for _weight in ("128", "512"):
