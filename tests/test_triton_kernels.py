@@ -11,6 +11,8 @@ from pyprune.triton_kernels import (
     KernelConfig, int4_dequantize, int4_matmul, sparse24_int4_dequantize, sparse24_int4_matmul,
     sparse24_matmul, sparse24_to_dense,
 )
+from pyprune.triton_kernels._common import candidate_configs, check_config
+from pyprune.triton_kernels.int4_matmul import int4_limits
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests run under TRITON_INTERPRET=1 (see conftest)"
@@ -85,6 +87,24 @@ def test_rows_variant_in_bf16(fmt):
 def test_gemv_tiles_spanning_several_groups(fmt):
     # BLOCK_K = 128 covers four groups of 32: each word takes its own group's scale.
     check(fmt, 3, 20, 384, 32, torch.bfloat16, KernelConfig(4, 16, 128, split_k=2, variant="gemv"))
+
+
+@pytest.mark.parametrize("fmt,groupsize", [("2:4", None), ("int4", 64), ("2:4-int4", 64)])
+def test_gemv_with_a_full_decode_tile(fmt, groupsize):
+    # 13 rows of x in a 16-row tile: each decoded weight serves every row, padded rows masked;
+    # K = 384 ends inside the second 256-wide tile.
+    check(fmt, 13, 24, 384, groupsize, torch.float16, KernelConfig(16, 8, 256, split_k=2, variant="gemv"))
+    check(fmt, 1, 24, 384, groupsize, torch.bfloat16, KernelConfig(1, 8, 256, split_k=1, variant="gemv"))
+
+
+@pytest.mark.parametrize("m", [5, 8, 16])
+def test_tuner_offers_gemv_up_to_the_decode_bound(m):
+    limits = int4_limits(128)
+    cands = candidate_configs(m, 4096, 4096, limits, torch.device("cpu"), allow_dense=False)
+    gemv = [c for c in cands if c.variant == "gemv"]
+    assert gemv and all(c.block_k <= 512 and c.block_m >= m for c in gemv)
+    for c in gemv:
+        check_config(c, limits, m)
 
 
 def test_dequantize_kernels_are_exact():

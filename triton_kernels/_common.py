@@ -18,11 +18,11 @@ Variants (``KernelConfig.variant``):
 * ``"split"`` (decode): the compact packed tile is loaded once and multiplied field by field
   (one ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching
   strided columns of x, which is tiny and cached).
-* ``"gemv"`` (M <= 4): no tensor cores, no padding of M to 16; each program streams
-  ``[BLOCK_N, BLOCK_K]`` of the packed weight along K (contiguous per row; a tile may span
-  several quantization groups), decodes it in fp32 (4-bit codes through the float mantissa, no
-  int-to-float conversion), fetches the matching entries of x (tiny, cached) and reduces over K,
-  one pass per row of x.
+* ``"gemv"`` (decode; the default at M <= 2, a tuner candidate up to M = 16): no tensor cores, no
+  padding of M to 16; each program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K
+  (contiguous per row; a tile may span several quantization groups), decodes it once in fp32
+  (4-bit codes through the float mantissa, no int-to-float conversion), fetches the matching
+  entries of x (tiny, cached) and reduces over K for every row of x.
 * ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is rebuilt in registers, each packed
   word fetched by every lane that needs one of its fields. Slower than ``rows`` on an H100 but it
   takes any ``BLOCK_K``: the kernel for groups of 32.
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 DECODE_MAX_M = 16
-GEMV_MAX_M = 4
+GEMV_MAX_M = 4  # up to here the long-tile gemv candidates; above, shorter tiles (see candidate_configs)
 GEMV_MIN_BLOCK_K = 32  # smallest BLOCK_K of the "gemv" variant (for every format; not bounded by G)
 ROWS_MIN_BLOCK_K = 64  # the "rows" variant unpacks whole 2:4 metadata words (32 columns) per row
 VARIANTS = ("tile", "split", "gemv", "rows", "dense")
@@ -175,6 +175,11 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 for bk in (512, 1024, 2048):
                     for waves in (8, 1):
                         cands.append(_gemv_config(M, N, K, bk, bn, device, waves=waves))
+        else:
+            # More rows of x: shorter tiles, so that the per-row partial sums stay in registers.
+            for bn in (4, 8, 16):
+                for bk in (256, 512):
+                    cands.append(_gemv_config(M, N, K, bk, bn, device))
     else:
         for bm, bn, bk, warps, stages in (
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),

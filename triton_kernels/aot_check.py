@@ -22,15 +22,17 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ._common import KernelConfig, _splitk_reduce_kernel, expand_blocks  # noqa: E402
-from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel  # noqa: E402
-from .sparse24_int4_matmul import _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel  # noqa: E402
-from .sparse24_matmul import _KERNELS as SPARSE24_KERNELS, _sparse24_dense_kernel  # noqa: E402
+from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel, _int4_gemv_kernel  # noqa: E402
+from .sparse24_int4_matmul import (  # noqa: E402
+    _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel, _sparse24_int4_gemv_kernel,
+)
+from .sparse24_matmul import _KERNELS as SPARSE24_KERNELS, _sparse24_dense_kernel, _sparse24_gemv_kernel  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
 
 def _matmul_signature(kernel, act: str, value: str):
-    ints = {"M", "N", "K", "tiles_per_group"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    ints = {"M", "N", "K", "tiles_per_group", "GROUPSIZE"} | {n for n in kernel.arg_names if n.startswith("stride")}
     sig = {}
     for name in kernel.arg_names:
         if name in ints:
@@ -45,6 +47,8 @@ def _matmul_signature(kernel, act: str, value: str):
             sig[name] = f"*{value}"
         elif name == "s_ptr":
             sig[name] = "*fp16"
+        elif name == "qb_ptr":  # 2:4+INT4 gemv: the codes read as bytes
+            sig[name] = "*u8"
         elif name.endswith("_ptr"):
             sig[name] = "*i32"
         else:
@@ -58,6 +62,7 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
     }
+    consts = {name: value for name, value in consts.items() if name in kernel.arg_names}  # gemv: no GROUP_M, UPCAST
     if "VALUE_DTYPE" in kernel.arg_names:
         consts["VALUE_DTYPE"] = {"fp16": tl.float16, "bf16": tl.bfloat16}[value or act]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
@@ -84,7 +89,8 @@ def resource_usage(compiled) -> str:
 
 
 def representative_configs(full: bool, split_block_k: int):
-    """The heuristic defaults of both paths (G = 128), and with ``full`` every tuning candidate."""
+    """The heuristic defaults of both paths (G = 128), and with ``full`` every tuning candidate
+    (at M = 1, 4, 16 and 2048)."""
     import torch
 
     from ._common import KernelLimits, candidate_configs
@@ -94,11 +100,13 @@ def representative_configs(full: bool, split_block_k: int):
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="tile"),
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows"),
                 KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="rows"),
-                KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3)]
+                KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3),
+                KernelConfig(1, 16, 1024, split_k=4, num_warps=4, num_stages=3, variant="gemv"),
+                KernelConfig(16, 8, 256, split_k=4, num_warps=4, num_stages=3, variant="gemv")]
     limits = KernelLimits(128, split_block_k)
     cpu = torch.device("cpu")
-    cfgs = candidate_configs(1, 4096, 4096, limits, cpu, False) + candidate_configs(2048, 4096, 4096, limits, cpu, False)
-    return [c for c in dict.fromkeys(cfgs) if c.variant in ("tile", "split", "rows")]  # gemv has its own signature
+    cfgs = [c for m in (1, 4, 16, 2048) for c in candidate_configs(m, 4096, 4096, limits, cpu, False)]
+    return [c for c in dict.fromkeys(cfgs) if c.variant != "dense"]  # dense is cuBLAS
 
 
 def main(argv=None):
@@ -107,7 +115,9 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="every tuning candidate, not just the defaults")
     args = ap.parse_args(argv)
     failures = 0
-    kernels = [("2:4", SPARSE24_KERNELS, 64), ("int4", INT4_KERNELS, 128), ("2:4-int4", SPARSE24_INT4_KERNELS, 64)]
+    kernels = [("2:4", dict(SPARSE24_KERNELS, gemv=_sparse24_gemv_kernel), 64),
+               ("int4", dict(INT4_KERNELS, gemv=_int4_gemv_kernel), 128),
+               ("2:4-int4", dict(SPARSE24_INT4_KERNELS, gemv=_sparse24_int4_gemv_kernel), 64)]
     for arch in args.arch:
         for name, by_variant, split_block_k in kernels:
             for act in ("fp16", "bf16"):

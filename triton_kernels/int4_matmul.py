@@ -9,19 +9,21 @@ Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/8]`` words (conti
 unpacks them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers and does one dot; ``tile``
 rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split`` (decode, needs G >= 128) loads the
 ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field i against x's columns ``8j + i``;
-``gemv`` (M <= 4) loads ``[BLOCK_N, BLOCK_K/8]`` words (each row's run along K is contiguous) and,
-field by field, multiplies them with x's columns ``8j + i`` on the CUDA cores, each word weighted
-by its group's scale.
+``gemv`` (decode, M <= 16) loads ``[BLOCK_N, BLOCK_K/8]`` words (each row's run along K is
+contiguous), decodes them field by field and multiplies each field with x's columns ``8j + i``
+(every row of x) on the CUDA cores, each word weighted by its group's scale.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
-    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
+    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, unpack_fields,
 )
+
+FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
 
 
 @triton.jit
@@ -103,29 +105,58 @@ def _int4_rows_kernel(
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sg, GROUPSIZE,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, stride_xm, stride_qn, stride_sg, magic,
+    GROUPSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
+    """Decode on the CUDA cores, counted in instructions per weight (the limit at M = 1).
+
+    Field i of a word is read in place, not shifted down: ``(word & 0xF << 4i) | 2^23`` as a
+    float is ``2^23 + nib * 16^i`` exactly, so one AND-OR (a single LOP3, with ``magic`` = the
+    bits of 2^23 passed at run time so that it sits in a register) and one subtraction give
+    ``nib * 16^i``; x's column is scaled by ``16^-i`` instead (exact, and shared by every row of
+    the tile). The mantissa has 23 bits, so fields 0-4 (bits 0-19) are read from the word and
+    fields 5-7 from the word shifted down by 12 (one shift per word). The offset ``-8`` of the
+    codes is ``-8 * sum(x)`` per word, also shared by the rows.
+    """
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         word = t * (BLOCK_K // 8) + offs_w
-        mask = (offs_n < N)[:, None] & (word < K // 8)[None, :]
+        if EVEN_K:  # no tile runs past K: only the row masks
+            mask = (offs_n < N)[:, None]
+            x_mask = (offs_m < M)[:, None]
+        else:
+            mask = (offs_n < N)[:, None] & (word < K // 8)[None, :]
+            x_mask = (offs_m < M)[:, None] & (word < K // 8)[None, :]
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=mask, other=0)
+        high = words >> 12
         # The scale of each word's group, per row (repeated G/8 times along K: served from L1).
         s = tl.load(s_ptr + ((word * 8) // GROUPSIZE)[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
-        for m in tl.static_range(BLOCK_M):
-            part = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-            for i in tl.static_range(8):
-                xi = tl.load(x_ptr + m * stride_xm + word * 8 + i, mask=(word < K // 8) & (m < M), other=0.0)
-                part += nibble_value((words >> (4 * i)) & 0xF) * xi.to(tl.float32)[None, :]
-            acc = add_row(acc, m, tl.sum(part * s.to(tl.float32), axis=1), BLOCK_M)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+        # part[m, n, j]: row m of x against the 8 codes of word j of row n. Each field is decoded
+        # once and used for every row of x.
+        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word * 8 + i)[None, :], mask=x_mask, other=0.0)
+            xi = xi.to(tl.float32)
+            x_sum += xi
+            if i < 5:
+                raw = ((words & (0xF << (4 * i))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                part += raw[None, :, :] * (xi * (1.0 / (1 << (4 * i))))[:, None, :]
+            else:
+                raw = ((high & (0xF << (4 * i - 12))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+                part += raw[None, :, :] * (xi * (1.0 / (1 << (4 * i - 12))))[:, None, :]
+        part -= 8.0 * x_sum[:, None, :]
+        # Reduced over the words once, after the loop: no cross-lane sums per tile.
+        total += part * s.to(tl.float32)[None, :, :]
+    acc = tl.sum(total, axis=2)
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 _KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel, "rows": _int4_rows_kernel}
@@ -191,9 +222,10 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
         if cfg.variant == "gemv":
             _int4_gemv_kernel[grid](
                 x2, qweight, scales, bias if bias is not None else y, y, ws,
-                m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-                HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), FLOAT_2_23_BITS,
+                GROUPSIZE=groupsize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](

@@ -8,7 +8,7 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
 and does one dot; ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
-the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (M <= 4)
+the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode, M <= 16)
 reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), scales them,
 fetches x at the two kept columns and reduces on the CUDA cores.
 """

@@ -9,7 +9,7 @@ Variants (see ``_common``): ``rows`` reads the kept pairs as 32-bit words and th
 (``[BLOCK_N, BLOCK_K/4]`` and ``[BLOCK_N, BLOCK_K/32]``, contiguous along K), spreads them into the
 dense ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot; ``tile`` rebuilds the dense
 ``[BLOCK_K, BLOCK_N]`` tile of W^T; ``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs
-once and does one dot per position p against x's columns ``4g + p``; ``gemv`` (M <= 4) reads the
+once and does one dot per position p against x's columns ``4g + p``; ``gemv`` (decode, M <= 16) reads the
 kept pair of each group as one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row),
 fetches x at the two kept columns and reduces on the CUDA cores.
 """
