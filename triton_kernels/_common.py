@@ -396,9 +396,20 @@ def nibble_value(nib):
 
 
 @triton.jit
-def add_row(acc, m, part, BLOCK_M: tl.constexpr):
-    """``acc[m, :] += part`` for ``acc [BLOCK_M, BLOCK_N]`` (Triton tensors cannot be indexed)."""
-    return acc + tl.where(tl.arange(0, BLOCK_M)[:, None] == m, part[None, :], 0.0)
+def unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                UNIT: tl.constexpr):
+    """For the gemv kernels: the quantization scale of every run of ``UNIT`` columns (a packed
+    word, a 2:4 group) in K tile ``t``, fp32 ``[BLOCK_N, BLOCK_K / UNIT]``; ``scales [K/G, N]``.
+    Each scale is loaded once and repeated in registers (no per-unit gather)."""
+    if BLOCK_K >= GROUPSIZE:
+        group = t * (BLOCK_K // GROUPSIZE) + tl.arange(0, BLOCK_K // GROUPSIZE)
+        mask = (offs_n < N)[:, None] & (group < K // GROUPSIZE)[None, :]
+        s = tl.load(s_ptr + group[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
+        s = tl.broadcast_to(s[:, :, None], (s.shape[0], BLOCK_K // GROUPSIZE, GROUPSIZE // UNIT))
+    else:  # the tile lies in one quantization group
+        s = tl.load(s_ptr + ((t * BLOCK_K) // GROUPSIZE) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        s = tl.broadcast_to(s.to(tl.float32)[:, None], (s.shape[0], BLOCK_K // UNIT))
+    return tl.reshape(s, (s.shape[0], BLOCK_K // UNIT))
 
 
 @triton.jit

@@ -32,7 +32,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
 
 def _matmul_signature(kernel, act: str, value: str):
-    ints = {"M", "N", "K", "tiles_per_group", "GROUPSIZE"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    ints = {"M", "N", "K", "tiles_per_group", "magic"} | {n for n in kernel.arg_names if n.startswith("stride")}
     sig = {}
     for name in kernel.arg_names:
         if name in ints:
@@ -61,8 +61,9 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
     consts = {
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
+        "GROUPSIZE": 128, "EVEN_K": True,  # the gemv kernels' (G = 128, as the representative configurations)
     }
-    consts = {name: value for name, value in consts.items() if name in kernel.arg_names}  # gemv: no GROUP_M, UPCAST
+    consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     if "VALUE_DTYPE" in kernel.arg_names:
         consts["VALUE_DTYPE"] = {"fp16": tl.float16, "bf16": tl.bfloat16}[value or act]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts)

@@ -21,6 +21,7 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, unpack_fields,
+    unit_scales,
 )
 
 FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
@@ -136,8 +137,7 @@ def _int4_gemv_kernel(
             x_mask = (offs_m < M)[:, None] & (word < K // 8)[None, :]
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=mask, other=0)
         high = words >> 12
-        # The scale of each word's group, per row (repeated G/8 times along K: served from L1).
-        s = tl.load(s_ptr + ((word * 8) // GROUPSIZE)[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
+        s = unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE, BLOCK_K, 8)  # each word's scale
         # part[m, n, j]: row m of x against the 8 codes of word j of row n. Each field is decoded
         # once and used for every row of x.
         part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
@@ -154,7 +154,7 @@ def _int4_gemv_kernel(
                 part += raw[None, :, :] * (xi * (1.0 / (1 << (4 * i - 12))))[:, None, :]
         part -= 8.0 * x_sum[:, None, :]
         # Reduced over the words once, after the loop: no cross-lane sums per tile.
-        total += part * s.to(tl.float32)[None, :, :]
+        total += part * s[None, :, :]
     acc = tl.sum(total, axis=2)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 

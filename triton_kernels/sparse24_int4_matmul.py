@@ -8,9 +8,10 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
 and does one dot; ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
-the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode, M <= 16)
-reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per row), scales them,
-fetches x at the two kept columns and reduces on the CUDA cores.
+the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode,
+M <= 16) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per row),
+picks each kept code's column of x with selects (as the 2:4 gemv), and applies the scales to the
+per-group sums on the CUDA cores.
 """
 import torch
 import triton
@@ -20,8 +21,11 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields,
+    unit_scales,
 )
-from .sparse24_matmul import add_kept_pair_rows, group_positions, kept_slots, positions_by_row, positions_rows
+from .sparse24_matmul import (
+    gemv_masks, group_positions, kept_position_bits, kept_slots, pick_column, positions_rows, x_group_columns,
+)
 
 
 @triton.jit
@@ -118,28 +122,32 @@ def _sparse24_int4_rows_kernel(
 @triton.jit
 def _sparse24_int4_gemv_kernel(
     x_ptr, qb_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_bn, stride_mg, stride_sg, GROUPSIZE,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, stride_xm, stride_bn, stride_mg, stride_sg,
+    GROUPSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """``qb_ptr``: the codes viewed as bytes ``[N, K/4]``, one byte (q0 | q1 << 4) per group."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // 4)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         grp = t * (BLOCK_K // 4) + offs_g
-        mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
+        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K, EVEN_K)
         pair = tl.load(qb_ptr + offs_n[:, None] * stride_bn + grp[None, :], mask=mask, other=0).to(tl.int32)
-        s = tl.load(s_ptr + ((grp * 4) // GROUPSIZE)[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0)
-        s = s.to(tl.float32)
-        q0 = nibble_value(pair & 0xF) * s
-        q1 = nibble_value(pair >> 4) * s
-        i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask)
-        acc = add_kept_pair_rows(acc, q0, q1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+        s = unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE, BLOCK_K, 4)
+        q0 = nibble_value(pair & 0xF)
+        q1 = nibble_value(pair >> 4)
+        a0, a1, b0, b1 = kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+        x0, x1, x2, x3 = x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask)
+        part = q0[None, :, :] * pick_column(a0[None, :, :], a1[None, :, :], x0, x1, x2, x3)
+        part += q1[None, :, :] * pick_column(b0[None, :, :], b1[None, :, :], x0, x1, x2, x3)
+        total += part * s[None, :, :]
+    acc = tl.sum(total, axis=2)  # over the groups once, after the loop
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 _KERNELS = {"tile": _sparse24_int4_tile_kernel, "split": _sparse24_int4_split_kernel,
@@ -209,9 +217,10 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
         if cfg.variant == "gemv":
             _sparse24_int4_gemv_kernel[grid](
                 x2, qvalues.view(torch.uint8), meta, scales, bias if bias is not None else y, y, ws,
-                m, n, k, x2.stride(0), qvalues.stride(0) * 4, meta.stride(0), scales.stride(0), groupsize,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-                HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                m, n, k, x2.stride(0), qvalues.stride(0) * 4, meta.stride(0), scales.stride(0),
+                GROUPSIZE=groupsize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](

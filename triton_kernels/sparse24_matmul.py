@@ -9,16 +9,17 @@ Variants (see ``_common``): ``rows`` reads the kept pairs as 32-bit words and th
 (``[BLOCK_N, BLOCK_K/4]`` and ``[BLOCK_N, BLOCK_K/32]``, contiguous along K), spreads them into the
 dense ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot; ``tile`` rebuilds the dense
 ``[BLOCK_K, BLOCK_N]`` tile of W^T; ``split`` (decode) loads the ``[BLOCK_K/4, BLOCK_N]`` kept pairs
-once and does one dot per position p against x's columns ``4g + p``; ``gemv`` (decode, M <= 16) reads the
-kept pair of each group as one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per row),
-fetches x at the two kept columns and reduces on the CUDA cores.
+once and does one dot per position p against x's columns ``4g + p``; ``gemv`` (decode, M <= 16)
+reads the kept pair of each group as one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per
+row), loads x's four columns of each group once, picks each kept value's column with selects and
+reduces on the CUDA cores.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k, add_row,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
     store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields,
 )
@@ -101,37 +102,62 @@ def _sparse24_split_kernel(
 
 
 @triton.jit
-def positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask):
-    """Kept positions ``(i0, i1)``, int32 ``[BLOCK_N, len(grp)]`` (rows first, for the gemv
-    variant); each meta word is fetched by the 8 lanes of its groups (served from L1)."""
-    words = tl.load(meta_ptr + (grp // 8)[None, :] * stride_mg + offs_n[:, None], mask=mask, other=0)
-    field = (words >> ((grp % 8) * 4)[None, :]) & 0xF
-    return field & 3, field >> 2
+def meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
+    """Metadata fields ``i0 | i1 << 2``, int32 ``[BLOCK_N, BLOCK_K/4]``, of the groups of K tile
+    ``t``: the tile's ``BLOCK_K/32`` metadata words per row, each loaded once and unpacked in
+    registers (``BLOCK_K`` and K are multiples of 32, so a tile never ends inside a word; words past
+    K read 0)."""
+    word = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    mask = (offs_n < N)[:, None] & (word < K // 32)[None, :]
+    words = tl.load(meta_ptr + word[None, :] * stride_mg + offs_n[:, None], mask=mask, other=0)
+    return unpack_fields(words, 4, 8)
 
 
 @triton.jit
 def positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
-    """Kept positions ``(i0, i1)``, int32 ``[BLOCK_N, BLOCK_K/4]``, of the groups of K tile ``t``:
-    the tile's ``BLOCK_K/32`` metadata words per row, each loaded once and unpacked in registers
-    (``BLOCK_K`` is a multiple of 64, so a tile never ends inside a word; words past K read 0)."""
-    word = t * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
-    mask = (offs_n < N)[:, None] & (word < K // 32)[None, :]
-    words = tl.load(meta_ptr + word[None, :] * stride_mg + offs_n[:, None], mask=mask, other=0)
-    field = unpack_fields(words, 4, 8)
+    """Kept positions ``(i0, i1)``, int32 ``[BLOCK_N, BLOCK_K/4]``, of the groups of K tile ``t``."""
+    field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
     return field & 3, field >> 2
+
+@triton.jit
+def kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
+    """The kept positions ``(i0, i1)`` of the groups of K tile ``t`` as bits, for the gemv
+    variants: boolean ``[BLOCK_N, BLOCK_K/4]`` tensors ``(i0 & 1, i0 & 2, i1 & 1, i1 & 2)``."""
+    field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+    return (field & 1) != 0, (field & 2) != 0, (field & 4) != 0, (field & 8) != 0
 
 
 @triton.jit
-def add_kept_pair_rows(acc, w0, w1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M: tl.constexpr):
-    """For each row m < M of x: ``acc[m, :] += sum_g w0 * x[m, 4g + i0] + w1 * x[m, 4g + i1]``,
-    the kept values (fp32 ``[BLOCK_N, len(grp)]``) against x at their two kept columns."""
-    base = x_ptr + 4 * grp[None, :]
-    for m in tl.static_range(BLOCK_M):
-        row_mask = mask & (m < M)
-        x0 = tl.load(base + m * stride_xm + i0, mask=row_mask, other=0.0).to(tl.float32)
-        x1 = tl.load(base + m * stride_xm + i1, mask=row_mask, other=0.0).to(tl.float32)
-        acc = add_row(acc, m, tl.sum(w0 * x0 + w1 * x1, axis=1), BLOCK_M)
-    return acc
+def pick_column(low, high, x0, x1, x2, x3):
+    """``x_p`` for the position ``p = low + 2 * high`` (elementwise, broadcasting): the column of
+    x a kept value multiplies, chosen in registers instead of gathered from memory."""
+    return tl.where(high, tl.where(low, x3, x2), tl.where(low, x1, x0))
+
+
+@triton.jit
+def x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask):
+    """``x[m, 4g + p]`` for ``p = 0..3``: four fp32 ``[BLOCK_M, 1, len(grp)]`` tensors, shared by
+    every row of the weight tile."""
+    base = x_ptr + offs_m[:, None, None] * stride_xm + 4 * grp[None, None, :]
+    mask = x_mask[:, None, :]
+    x0 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + 2, mask=mask, other=0.0).to(tl.float32)
+    x3 = tl.load(base + 3, mask=mask, other=0.0).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def gemv_masks(offs_m, offs_n, grp, M, N, K, EVEN_K: tl.constexpr):
+    """Masks of a gemv tile's weight ``[BLOCK_N, len(grp)]`` and x ``[BLOCK_M, len(grp)]`` loads:
+    rows only when no tile runs past K (``EVEN_K``)."""
+    mask = (offs_n < N)[:, None]
+    x_mask = (offs_m < M)[:, None]
+    if not EVEN_K:
+        inside = (grp < K // 4)[None, :]
+        mask = mask & inside
+        x_mask = x_mask & inside
+    return mask, x_mask
 
 
 @triton.jit
@@ -139,24 +165,30 @@ def _sparse24_gemv_kernel(
     x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_pn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, VALUE_DTYPE: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, VALUE_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half)."""
+    """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half).
+    The four columns of x of each group are loaded once for the tile and each kept value picks its
+    own with selects, so no load depends on the metadata."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_K // 4)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         grp = t * (BLOCK_K // 4) + offs_g
-        mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
+        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K, EVEN_K)
         pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
         v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
         v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
-        i0, i1 = positions_by_row(meta_ptr, stride_mg, grp, offs_n, mask)
-        acc = add_kept_pair_rows(acc, v0, v1, i0, i1, x_ptr, stride_xm, grp, mask, M, BLOCK_M)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, tl.arange(0, BLOCK_M), offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+        a0, a1, b0, b1 = kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+        x0, x1, x2, x3 = x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask)
+        total += v0[None, :, :] * pick_column(a0[None, :, :], a1[None, :, :], x0, x1, x2, x3)
+        total += v1[None, :, :] * pick_column(b0[None, :, :], b1[None, :, :], x0, x1, x2, x3)
+    acc = tl.sum(total, axis=2)  # over the groups once, after the loop
+    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -240,7 +272,7 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
                 x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws,
                 m, n, k, x2.stride(0), values.stride(0) // 2, meta.stride(0),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-                HAS_BIAS=bias is not None, VALUE_DTYPE=_VALUE_DTYPES[values.dtype],
+                HAS_BIAS=bias is not None, VALUE_DTYPE=_VALUE_DTYPES[values.dtype], EVEN_K=k % cfg.block_k == 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
