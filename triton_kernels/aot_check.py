@@ -56,12 +56,12 @@ def _matmul_signature(kernel, act: str, value: str):
     return sig
 
 
-def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = None):
+def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = None, even_k: bool = True):
     sig = _matmul_signature(kernel, act, value or act)
     consts = {
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
-        "GROUPSIZE": 128, "EVEN_K": True,  # the gemv kernels' (G = 128, as the representative configurations)
+        "GROUPSIZE": 128, "EVEN_K": even_k,  # the gemv kernels' (G = 128, as the representative configurations)
     }
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     if "VALUE_DTYPE" in kernel.arg_names:
@@ -122,11 +122,13 @@ def main(argv=None):
     for arch in args.arch:
         for name, by_variant, split_block_k in kernels:
             for act in ("fp16", "bf16"):
-                for cfg in representative_configs(args.all, split_block_k):
+                cases = [(cfg, True) for cfg in representative_configs(args.all, split_block_k)]
+                cases += [(cfg, False) for cfg, _ in cases if cfg.variant == "gemv"]  # a tile past K's end
+                for cfg, even_k in cases:
                     kernel = by_variant[cfg.variant]
-                    tag = f"sm_{arch} {name:8s} {act} {cfg}"
+                    tag = f"sm_{arch} {name:8s} {act} {cfg}" + ("" if even_k else " K not a multiple of BLOCK_K")
                     try:
-                        c = compile_matmul(kernel, cfg, act, arch)
+                        c = compile_matmul(kernel, cfg, act, arch, even_k=even_k)
                     except Exception as exc:  # noqa: BLE001 - report and continue
                         failures += 1
                         print(f"FAIL {tag}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
