@@ -396,6 +396,20 @@ def nibble_value(nib):
 
 
 @triton.jit
+def gemv_masks(offs_m, offs_n, unit, M, N, units_in_k, EVEN_K: tl.constexpr):
+    """Masks of a gemv tile's weight ``[BLOCK_N, len(unit)]`` and x ``[BLOCK_M, len(unit)]`` loads,
+    ``unit`` indexing runs of columns (packed words, 2:4 groups): only the rows when no tile runs
+    past K (``EVEN_K``)."""
+    mask = (offs_n < N)[:, None]
+    x_mask = (offs_m < M)[:, None]
+    if not EVEN_K:
+        inside = (unit < units_in_k)[None, :]
+        mask = mask & inside
+        x_mask = x_mask & inside
+    return mask, x_mask
+
+
+@triton.jit
 def unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
                 UNIT: tl.constexpr):
     """For the gemv kernels: the quantization scale of every run of ``UNIT`` columns (a packed

@@ -21,7 +21,7 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, unpack_fields,
-    unit_scales,
+    unit_scales, gemv_masks,
 )
 
 FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
@@ -129,12 +129,7 @@ def _int4_gemv_kernel(
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         word = t * (BLOCK_K // 8) + offs_w
-        if EVEN_K:  # no tile runs past K: only the row masks
-            mask = (offs_n < N)[:, None]
-            x_mask = (offs_m < M)[:, None]
-        else:
-            mask = (offs_n < N)[:, None] & (word < K // 8)[None, :]
-            x_mask = (offs_m < M)[:, None] & (word < K // 8)[None, :]
+        mask, x_mask = gemv_masks(offs_m, offs_n, word, M, N, K // 8, EVEN_K)
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=mask, other=0)
         high = words >> 12
         s = unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE, BLOCK_K, 8)  # each word's scale

@@ -21,10 +21,10 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields,
-    unit_scales,
+    unit_scales, gemv_masks,
 )
 from .sparse24_matmul import (
-    gemv_masks, group_positions, kept_position_bits, kept_slots, pick_column, positions_rows, x_group_columns,
+    group_positions, kept_position_bits, kept_slots, pick_column, positions_rows, x_group_columns,
 )
 
 
@@ -136,7 +136,7 @@ def _sparse24_int4_gemv_kernel(
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         grp = t * (BLOCK_K // 4) + offs_g
-        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K, EVEN_K)
+        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K // 4, EVEN_K)
         pair = tl.load(qb_ptr + offs_n[:, None] * stride_bn + grp[None, :], mask=mask, other=0).to(tl.int32)
         s = unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE, BLOCK_K, 4)
         q0 = nibble_value(pair & 0xF)

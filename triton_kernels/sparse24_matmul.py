@@ -21,7 +21,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields,
+    store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields, gemv_masks,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
@@ -119,6 +119,7 @@ def positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
     field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
     return field & 3, field >> 2
 
+
 @triton.jit
 def kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
     """The kept positions ``(i0, i1)`` of the groups of K tile ``t`` as bits, for the gemv
@@ -148,19 +149,6 @@ def x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask):
 
 
 @triton.jit
-def gemv_masks(offs_m, offs_n, grp, M, N, K, EVEN_K: tl.constexpr):
-    """Masks of a gemv tile's weight ``[BLOCK_N, len(grp)]`` and x ``[BLOCK_M, len(grp)]`` loads:
-    rows only when no tile runs past K (``EVEN_K``)."""
-    mask = (offs_n < N)[:, None]
-    x_mask = (offs_m < M)[:, None]
-    if not EVEN_K:
-        inside = (grp < K // 4)[None, :]
-        mask = mask & inside
-        x_mask = x_mask & inside
-    return mask, x_mask
-
-
-@triton.jit
 def _sparse24_gemv_kernel(
     x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_pn, stride_mg,
@@ -179,7 +167,7 @@ def _sparse24_gemv_kernel(
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         grp = t * (BLOCK_K // 4) + offs_g
-        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K, EVEN_K)
+        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K // 4, EVEN_K)
         pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
         v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
         v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
