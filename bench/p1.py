@@ -183,6 +183,11 @@ for _damp in ("0.001", "0.003"):
     CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-cap-qdamp" + _damp] = (
         CONFIGS["sparsegpt-50-int4-g64-sink256-act-refine-original-cap"] + ["--quant-damp", _damp])
 
+# "-seed1": the best 50 % + INT4 configuration and its 50 % counterpart on other calibration windows
+# (random.seed(1) offsets), to see how much the INT4 cost moves with the calibration sample.
+for _name in ("sparsegpt-50-sink256-cap", "sparsegpt-50-int4-g64-sink256-refine-cap"):
+    CONFIGS[_name + "-seed1"] = CONFIGS[_name] + ["--seed", "1"]
+
 # "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
 # typical tokens, so 256 may no longer be the right W).
 for _weight in ("128", "512"):
@@ -352,7 +357,7 @@ def table(results):
                      b.get("peak_gpu_mib", b["peak_rss_mib"]), b["threads"]))
     on_gpu = any("CPU" not in m for m in machines)
     lines = [f"# Protocol P1 on smollm2-135m (fp32, {'GPU' if on_gpu else 'CPU'})", "",
-             "Calibration 32 x 2048 tokens (seed 0): C4, or 'self' (sampled from the dense model); "
+             "Calibration 32 x 2048 tokens (seed 0; '-seedN': seed N): C4, or 'self' (sampled from the dense model); "
              "WikiText-2 test, first 40 windows of 2048 tokens.",
              f"Machine: {'; '.join(sorted(machines))}.",
              "Timings: " + ("one run at a time on the GPU; memory = peak GPU memory allocated."
