@@ -437,7 +437,7 @@ def small_ints_as(q, dtype: tl.constexpr):
     elif dtype == tl.bfloat16:
         return (q + 0x4308).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
     else:
-        return (q + 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+        return nibble_value(q + 8)
 
 
 @triton.jit

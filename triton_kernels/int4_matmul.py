@@ -142,11 +142,11 @@ def _int4_gemv_kernel(
             xi = xi.to(tl.float32)
             x_sum += xi
             if i < 5:
-                raw = ((words & (0xF << (4 * i))) | magic).to(tl.float32, bitcast=True) - 8388608.0
-                part += raw[None, :, :] * (xi * (1.0 / (1 << (4 * i))))[:, None, :]
+                source, shift = words, 4 * i
             else:
-                raw = ((high & (0xF << (4 * i - 12))) | magic).to(tl.float32, bitcast=True) - 8388608.0
-                part += raw[None, :, :] * (xi * (1.0 / (1 << (4 * i - 12))))[:, None, :]
+                source, shift = high, 4 * i - 12
+            raw = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True) - 8388608.0
+            part += raw[None, :, :] * (xi * (1.0 / (1 << shift)))[:, None, :]
         part -= 8.0 * x_sum[:, None, :]
         # Reduced over the words once, after the loop: no cross-lane sums per tile.
         total += part * s[None, :, :]
