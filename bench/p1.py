@@ -188,6 +188,12 @@ for _damp in ("0.001", "0.003"):
 for _name in ("sparsegpt-50-sink256-cap", "sparsegpt-50-int4-g64-sink256-refine-cap"):
     CONFIGS[_name + "-seed1"] = CONFIGS[_name] + ["--seed", "1"]
 
+# "-tuneN": after each layer is quantized, its group scales tuned together for N epochs against the
+# layer's output before compression (--tune-scales, pyprune.pipeline.scale_tuning).
+for _epochs in ("1", "2"):
+    CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap-tune" + _epochs] = (
+        CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap"] + ["--tune-scales", _epochs])
+
 # "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
 # typical tokens, so 256 may no longer be the right W).
 for _weight in ("128", "512"):

@@ -9,6 +9,7 @@ import torch
 
 from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
+from pyprune.pipeline.scale_tuning import ScaleTuning
 from pyprune.solvers.quantize import DEFAULT_TEACHER_DAMP, REFINE_TARGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -140,6 +141,13 @@ def _add_quant_args(p):
     g.add_argument("--teacher-damp", type=float, default=None, metavar="F",
                    help="--int4-teacher: dampening of the target's least-squares solve, x mean diag(H) "
                         f"(default {DEFAULT_TEACHER_DAMP}; smaller fits the calibration data harder)")
+    g.add_argument("--tune-scales", type=int, default=0, metavar="EPOCHS",
+                   help="after each decoder layer is quantized, tune its group scales together for EPOCHS passes "
+                        "over the calibration windows so the layer's output comes closer to its output before "
+                        "compression (codes and mask unchanged; kept only if the calibration loss falls; "
+                        "0 = off, the default)")
+    g.add_argument("--tune-scales-lr", type=float, default=None, metavar="LR",
+                   help=f"--tune-scales: Adam step on the log scale multipliers (default {ScaleTuning.lr})")
     g.add_argument("--refine-target", default="original", choices=list(REFINE_TARGETS),
                    help="after a pruning solver, the refinement aims at the original weight (default: kept "
                         "codes also take up the pruning error) or at the pruned one; the joint SparseGPT "
@@ -316,6 +324,27 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
                              "--stream, --activations disk or a distributed run")
         if args.resume or args.progress_dir:
             raise ValueError("--int4-teacher runs keep no progress folder: drop --resume / --progress-dir")
+    _scale_tuning(args)  # refuses bad settings before the model loads
+
+
+def _scale_tuning(args):
+    """The ``ScaleTuning`` that ``--tune-scales`` asks for (None when off)."""
+    from pyprune.pipeline.distributed import world_size_from_env
+
+    if args.tune_scales_lr is not None and not args.tune_scales:
+        raise ValueError(f"--tune-scales-lr {args.tune_scales_lr}: needs --tune-scales EPOCHS")
+    if args.tune_scales < 0:
+        raise ValueError(f"--tune-scales {args.tune_scales}: must be >= 0 (epochs; 0 = off)")
+    if not args.tune_scales:
+        return None
+    if not (args.wbits == 4 and args.quant_method == "gptq"):
+        raise ValueError("--tune-scales tunes INT4 scales on calibration data: it needs --wbits 4 and "
+                         "--quant-method gptq")
+    if args.int4_teacher or args.activations == "disk" or world_size_from_env() > 1:
+        raise ValueError("--tune-scales cannot be used with --int4-teacher, --activations disk or a "
+                         "distributed run")
+    lr = ScaleTuning.lr if args.tune_scales_lr is None else args.tune_scales_lr
+    return ScaleTuning(epochs=args.tune_scales, lr=lr)
 
 
 def _self_calib_options(args):
@@ -505,7 +534,7 @@ def cmd_prune(args):
                          batch_size=args.batch_size, progress_dir=progress_dir, resume=args.resume,
                          show_progress=not args.quiet, distributed=distributed, layer_loss=args.layer_loss,
                          sink_weight=args.sink_weight, sink_cap=args.sink_cap, true_sequential=args.true_sequential,
-                         teacher=args.int4_teacher,
+                         teacher=args.int4_teacher, scale_tuning=_scale_tuning(args),
                          fingerprint={"model": args.model, "target": str(target), "dtype": str(dtype),
                                       "wbits": args.wbits, "groupsize": args.groupsize})
     if args.stream:
@@ -535,6 +564,8 @@ def cmd_prune(args):
         report["quantization"] = {"wbits": 4, "groupsize": args.groupsize, "method": args.quant_method,
                                   "act_order": args.act_order, "scale_fit": args.scale_fit,
                                   "refine_rounds": args.refine_rounds, "refine_target": args.refine_target,
+                                  "tune_scales_epochs": args.tune_scales,
+                                  "tune_scales_lr": options.scale_tuning.lr if options.scale_tuning else None,
                                   "damp": args.quant_damp if args.quant_method == "gptq" else None,
                                   "int4_teacher": args.int4_teacher,
                                   "teacher_damp": quantizer.teacher_damp if args.int4_teacher else None,

@@ -79,6 +79,11 @@ def weight_matrix(module):
     return module.weight.data.t() if (Conv1D and isinstance(module, Conv1D)) else module.weight.data
 
 
+def stored_weight(module, W):
+    """``W`` (``[out_features, in_features]``) laid out as ``module.weight`` stores it."""
+    return W.t() if (Conv1D and isinstance(module, Conv1D)) else W
+
+
 def set_weight_matrix(module, W):
     if Conv1D and isinstance(module, Conv1D):
         module.weight.data.copy_(W.t())

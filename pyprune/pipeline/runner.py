@@ -16,6 +16,10 @@ pruned but not quantized. Each layer is first pruned on the teacher's statistics
 run without quantization; then the quantizer goes group by group (as with ``true_sequential``) on
 the quantized model's own inputs plus their cross term with the teacher's (``pyprune.ops.teacher``),
 so that each Linear reproduces the teacher's output from the drifted inputs it really sees.
+
+With ``scale_tuning`` (INT4 only) each layer's outputs before compression are kept as a target;
+once every Linear of the layer is quantized, its group scales are tuned together towards that
+target (``pipeline.scale_tuning``) before the layer's outputs go on to the next layer.
 """
 import contextlib
 import copy
@@ -37,6 +41,7 @@ from pyprune.models.families import (
 from pyprune.pipeline.activations import ActivationStore, check_storage, estimate_for_run, format_estimate
 from pyprune.pipeline.prepass import run_prepass
 from pyprune.pipeline.progress import ProgressStore
+from pyprune.pipeline.scale_tuning import ScaleTuning, describe as describe_tuning, tune_layer_scales
 from pyprune.pipeline.statistics import (
     HessianCollector, InputNormCollector, InputRecorder, PairedCollector, StatisticsComplete, check_sink_weight,
 )
@@ -67,6 +72,8 @@ class RunOptions:
     true_sequential: bool = False
     # Calibrate the quantizer (post_solve) against the pruned, unquantized model (module docstring).
     teacher: bool = False
+    # Tune each layer's INT4 group scales together against its output before compression.
+    scale_tuning: Optional[ScaleTuning] = None
 
     def __post_init__(self):
         check_storage(self.activations)
@@ -116,6 +123,8 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
                          "use it without online correction or without true_sequential")
     if options.teacher:
         _check_teacher_run(solve, post_solve, statistics, options, layer_io)
+    if options.scale_tuning is not None:
+        _check_scale_tuning_run(post_solve, statistics, options)
     device = torch.device(options.device)
     store = ActivationStore(options.activations, device, options.activations_dir)
     dist = options.distributed
@@ -176,6 +185,10 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
             records.extend(layer_records)
             layers[index] = layer.to("cpu")
             continue
+        layer_start = len(records)
+        targets = None
+        if options.scale_tuning is not None:  # the layer's outputs before compression
+            targets = _forward_all(layer, inputs, kwargs, options.batch_size, device, store)
         groups = [linears]
         if options.true_sequential and needs_stats:
             groups = input_groups(layer, linears, store.batch(inputs, 0, options.batch_size, device), kwargs)
@@ -201,7 +214,10 @@ def prune_model(model, tokens: Optional[torch.Tensor], method: str, schedule, so
             if dist is not None:  # every rank needs the group's weights before the next group's statistics
                 group_records = dist.share_solved(group, owners, solved, post_solve, name_prefix=f"{prefix}.{index}.")
             records.extend(group_records)
-        if needs_stats and index + 1 < len(layers):
+        if targets is not None:
+            inputs = _tune_layer(layer, f"{prefix}.{index}", linears, inputs, targets, kwargs, post_solve, options,
+                                 device, store, records[layer_start:])
+        elif needs_stats and index + 1 < len(layers):
             inputs = _forward_all(layer, inputs, kwargs, options.batch_size, device, store)
         if layer_io is not None:
             layer_io.store_layer(index, layer)  # written out, memory released
@@ -282,6 +298,35 @@ def _check_teacher_run(solve, post_solve, statistics, options, layer_io):
                          "they cannot resume")
     if options.activations == "disk":
         raise ValueError("teacher calibration keeps two activation streams: use activations 'device' or 'cpu'")
+
+
+def _check_scale_tuning_run(post_solve, statistics, options):
+    """Scale tuning needs INT4 codes to tune, calibration inputs, and room for a third stream."""
+    if post_solve is None or not hasattr(post_solve, "set_scales"):
+        raise ValueError("scale tuning tunes INT4 group scales: it needs a quantizer (--wbits 4)")
+    if statistics is None:
+        raise ValueError("scale tuning needs calibration inputs; this run collects none (use GPTQ)")
+    if options.teacher or options.distributed is not None:
+        raise ValueError("scale tuning cannot be combined with teacher calibration or a distributed run")
+    if options.activations == "disk":
+        raise ValueError("scale tuning keeps the layer's target outputs beside its inputs: use activations "
+                         "'device' or 'cpu', not 'disk'")
+
+
+def _tune_layer(layer, layer_name, linears, inputs, targets, kwargs, quantizer, options, device, store,
+                layer_records):
+    """Tune the quantized layer's group scales (``pipeline.scale_tuning``), write the weights they
+    give into the layer and the quantizer's results, note the outcome in the layer's report records,
+    and return the layer's outputs (the next layer's inputs)."""
+    codes = {name: quantizer.results[f"{layer_name}.{name}"] for name, _ in linears}
+    tuned = tune_layer_scales(layer, codes, inputs, targets, kwargs, options.scale_tuning, options.batch_size,
+                              device, store)
+    for name, module in linears:
+        W = quantizer.set_scales(f"{layer_name}.{name}", tuned.scales[name])
+        set_weight_matrix(module, W.to(device=weight_matrix(module).device, dtype=weight_matrix(module).dtype))
+    for record in layer_records:
+        record.update(describe_tuning(tuned))
+    return tuned.outputs
 
 
 def _solve_layer_with_teacher(layer, index, prefix, linears, teacher_inputs, inputs, kwargs, solve, statistics,

@@ -198,6 +198,16 @@ class LayerQuantizer:
         fields.update(teacher_fields)
         return q.weight, fields
 
+    def set_scales(self, name: str, scales: torch.Tensor) -> torch.Tensor:
+        """Give ``name``'s codes new group scales (same shape, fp16-exact, nonzero: block-wise
+        tuning, ``pipeline.scale_tuning``); returns the float32 weight they dequantize to."""
+        q = self.results[name]
+        if tuple(scales.shape) != tuple(q.scales.shape):
+            raise ValueError(f"{name}: scales must have shape {tuple(q.scales.shape)}, got {tuple(scales.shape)}")
+        int4_grid.check_scales(scales)
+        self.results[name] = QuantCodes(q.qweight, scales.float().cpu(), q.pruned, q.groupsize)
+        return self.results[name].dequantize()
+
     def storage(self) -> StorageCost:
         """Total storage of every Linear quantized so far."""
         return total_storage(
