@@ -340,9 +340,8 @@ def _scale_tuning(args):
     if not (args.wbits == 4 and args.quant_method == "gptq"):
         raise ValueError("--tune-scales tunes INT4 scales on calibration data: it needs --wbits 4 and "
                          "--quant-method gptq")
-    if args.int4_teacher or args.activations == "disk" or world_size_from_env() > 1:
-        raise ValueError("--tune-scales cannot be used with --int4-teacher, --activations disk or a "
-                         "distributed run")
+    if args.int4_teacher or world_size_from_env() > 1:
+        raise ValueError("--tune-scales cannot be used with --int4-teacher or in a distributed run")
     lr = ScaleTuning.lr if args.tune_scales_lr is None else args.tune_scales_lr
     return ScaleTuning(epochs=args.tune_scales, lr=lr)
 

@@ -301,16 +301,13 @@ def _check_teacher_run(solve, post_solve, statistics, options, layer_io):
 
 
 def _check_scale_tuning_run(post_solve, statistics, options):
-    """Scale tuning needs INT4 codes to tune, calibration inputs, and room for a third stream."""
+    """Scale tuning needs INT4 codes to tune, calibration inputs and a single activation stream."""
     if post_solve is None or not hasattr(post_solve, "set_scales"):
         raise ValueError("scale tuning tunes INT4 group scales: it needs a quantizer (--wbits 4)")
     if statistics is None:
         raise ValueError("scale tuning needs calibration inputs; this run collects none (use GPTQ)")
     if options.teacher or options.distributed is not None:
         raise ValueError("scale tuning cannot be combined with teacher calibration or a distributed run")
-    if options.activations == "disk":
-        raise ValueError("scale tuning keeps the layer's target outputs beside its inputs: use activations "
-                         "'device' or 'cpu', not 'disk'")
 
 
 def _tune_layer(layer, layer_name, linears, inputs, targets, kwargs, quantizer, options, device, store,
