@@ -191,8 +191,9 @@ for _name in ("sparsegpt-50-sink256-cap", "sparsegpt-50-int4-g64-sink256-refine-
 # "-tuneN": after each layer is quantized, its group scales tuned together for N epochs against the
 # layer's output before compression (--tune-scales, pyprune.pipeline.scale_tuning).
 for _epochs in ("1", "2"):
-    CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap-tune" + _epochs] = (
-        CONFIGS["sparsegpt-50-int4-g64-sink256-refine-cap"] + ["--tune-scales", _epochs])
+    for _name in ("sparsegpt-50-int4-g64-sink256-refine-cap", "sparsegpt-50-int4-g64-sink256-refine-cap-seed1",
+                  "sparsegpt-2of4-int4-g64-sink256-refine-cap", "gptq-int4-g64-sink256-act-refine-cap"):
+        CONFIGS[f"{_name}-tune{_epochs}"] = CONFIGS[_name] + ["--tune-scales", _epochs]
 
 # "-sinkW": the capped configurations at another sink weight (the cap makes the first token count as W
 # typical tokens, so 256 may no longer be the right W).
