@@ -233,6 +233,8 @@ for _flags in CONFIGS.values():
                 _flags += ["--refine-rounds", "0"]
             if "--refine-target" not in _flags:  # the default before "original"
                 _flags += ["--refine-target", "pruned"]
+        if "--tune-scales" not in _flags:  # the configurations above without "-tuneN" ran before the tuning
+            _flags += ["--tune-scales", "0"]
 
 # The configurations above with a sink weight above 1 and no "-cap" ran before --sink-cap became the
 # default there.

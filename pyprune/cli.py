@@ -9,7 +9,7 @@ import torch
 
 from pyprune.ops import int4_refine
 from pyprune.ops.int4_grid import SCALE_FITS
-from pyprune.pipeline.scale_tuning import ScaleTuning
+from pyprune.pipeline.scale_tuning import DEFAULT_EPOCHS as DEFAULT_TUNE_EPOCHS, ScaleTuning
 from pyprune.solvers.quantize import DEFAULT_TEACHER_DAMP, REFINE_TARGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -141,11 +141,12 @@ def _add_quant_args(p):
     g.add_argument("--teacher-damp", type=float, default=None, metavar="F",
                    help="--int4-teacher: dampening of the target's least-squares solve, x mean diag(H) "
                         f"(default {DEFAULT_TEACHER_DAMP}; smaller fits the calibration data harder)")
-    g.add_argument("--tune-scales", type=int, default=0, metavar="EPOCHS",
+    g.add_argument("--tune-scales", type=int, default=None, metavar="EPOCHS",
                    help="after each decoder layer is quantized, tune its group scales together for EPOCHS passes "
                         "over the calibration windows so the layer's output comes closer to its output before "
-                        "compression (codes and mask unchanged; kept only if the calibration loss falls; "
-                        "0 = off, the default)")
+                        "compression (codes and mask unchanged; kept only if the calibration loss falls). "
+                        f"Default {DEFAULT_TUNE_EPOCHS} with GPTQ (not with --int4-teacher or distributed runs), "
+                        "0 = off")
     g.add_argument("--tune-scales-lr", type=float, default=None, metavar="LR",
                    help=f"--tune-scales: Adam step on the log scale multipliers (default {ScaleTuning.lr})")
     g.add_argument("--refine-target", default="original", choices=list(REFINE_TARGETS),
@@ -332,7 +333,8 @@ def _scale_tuning(args):
     from pyprune.pipeline.distributed import world_size_from_env
 
     if args.tune_scales_lr is not None and not args.tune_scales:
-        raise ValueError(f"--tune-scales-lr {args.tune_scales_lr}: needs --tune-scales EPOCHS")
+        raise ValueError(f"--tune-scales-lr {args.tune_scales_lr}: scale tuning is off in this run (it needs "
+                         "--wbits 4, --quant-method gptq and --tune-scales of at least 1)")
     if args.tune_scales < 0:
         raise ValueError(f"--tune-scales {args.tune_scales}: must be >= 0 (epochs; 0 = off)")
     if not args.tune_scales:
@@ -467,6 +469,11 @@ def cmd_prune(args):
         args.act_order = gptq and args.method != "sparsegpt"
     if args.refine_rounds is None:
         args.refine_rounds = int4_refine.DEFAULT_ROUNDS if gptq else 0
+    if args.tune_scales is None:  # on wherever it can run (README: block-wise scale tuning)
+        from pyprune.pipeline.distributed import world_size_from_env
+
+        distributed_run = world_size_from_env() > 1
+        args.tune_scales = DEFAULT_TUNE_EPOCHS if gptq and not (args.int4_teacher or distributed_run) else 0
     if args.quant_damp is not None:
         if not gptq:
             raise ValueError("--quant-damp is GPTQ's dampening; it needs --wbits 4 and --quant-method gptq")

@@ -126,9 +126,10 @@ def test_cli_tunes_scales_and_reports_them(tiny_saved_model, tmp_path):
     model_dir, data = tiny_saved_model
     out = tmp_path / "tuned"
     assert main(prune_args(model_dir, data, "--sparsity", "0.5", "--wbits", "4", "--groupsize", "32",
-                           "--tune-scales", "2", "--tune-scales-lr", "0.01", "--save", str(out))) == 0
+                           "--tune-scales-lr", "0.01", "--save", str(out))) == 0
     report = json.loads((out / "pyprune_report.json").read_text())
-    assert report["quantization"]["tune_scales_epochs"] == 2 and report["quantization"]["tune_scales_lr"] == 0.01
+    # On by default with GPTQ.
+    assert report["quantization"]["tune_scales_epochs"] == 1 and report["quantization"]["tune_scales_lr"] == 0.01
     assert all("block_error_after_tuning" in r for r in report["linears"])
     from transformers import AutoModelForCausalLM
 
@@ -141,7 +142,8 @@ def test_cli_tunes_scales_and_reports_them(tiny_saved_model, tmp_path):
     (["--tune-scales", "2"], "needs --wbits 4 and --quant-method gptq"),
     (["--tune-scales", "2", "--wbits", "4", "--groupsize", "32", "--quant-method", "rtn"], "--quant-method gptq"),
     (["--tune-scales", "-1", "--wbits", "4", "--groupsize", "32"], "--tune-scales -1: must be >= 0"),
-    (["--tune-scales-lr", "0.01", "--wbits", "4", "--groupsize", "32"], "needs --tune-scales EPOCHS"),
+    (["--tune-scales-lr", "0.01", "--wbits", "4", "--groupsize", "32", "--tune-scales", "0"], "scale tuning is off"),
+    (["--tune-scales-lr", "0.01", "--wbits", "4", "--groupsize", "32", "--quant-method", "rtn"], "scale tuning is off"),
     (["--tune-scales", "1", "--tune-scales-lr", "-1", "--wbits", "4", "--groupsize", "32"], "lr=-1.0"),
     (["--tune-scales", "1", "--wbits", "4", "--groupsize", "32", "--int4-teacher"], "--int4-teacher"),
 ])

@@ -153,6 +153,7 @@ def test_cli_teacher_run_prunes_as_without_int4_and_quantizes_group_by_group(tin
     assert not (tmp_path / "taught.progress").exists()
     quant = report["quantization"]
     assert quant["int4_teacher"] is True and quant["teacher_damp"] == 1.0
+    assert quant["tune_scales_epochs"] == 0  # scale tuning, on by default with GPTQ, is off with a teacher
     assert quant["act_order"] is True  # no joint sweep: prune, then GPTQ
     shift = {r["name"].split("layers.")[1]: r["teacher_target_shift"] for r in report["linears"]}
     # The first group of layer 0 reads the same inputs in both models: its target is the pruned weight.
