@@ -377,7 +377,8 @@ def table(results):
              "'rel. error' = mean over the 210 Linears of ||(W - W')X||^2 / ||WX||^2 on the calibration inputs, "
              "W' the final weight (blank: not recorded by that run). Marked '*': the first recorded form, the "
              "solver's loss over ||W'X||^2 (the compressed weight's output); with quantization after the solver "
-             "(GPTQ alone, ADMM + INT4) it counts the pruning part only.", "",
+             "(GPTQ alone, ADMM + INT4) it counts the pruning part only. With scale tuning ('-tuneN') it is the "
+             "error before the tuning (the reports give each layer's block error before and after).", "",
              "| configuration | ppl | sparsity | bits/weight | sink | calibration | ADMM mask, final solve | rel. error "
              "| prune s | eval s | memory MiB | threads |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
