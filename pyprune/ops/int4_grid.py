@@ -75,12 +75,12 @@ def fit_scale(w: torch.Tensor, scale_fit: str = "minmax", weight: torch.Tensor =
     check_scale_fit(scale_fit)
     w = w.float()
     start = _signed_scale(w) if scale_fit.startswith("signed") else w.abs().amax(dim=1, keepdim=True) / QMAX
-    best = fp16_scale(start)
+    best = _fp16_scale(start)
     if not scale_fit.endswith("mse"):
         return best
     best_err = _rounding_error(w, best, weight)
     for ratio in MSE_RATIOS[1:]:
-        scale = fp16_scale(start * ratio)
+        scale = _fp16_scale(start * ratio)
         err = _rounding_error(w, scale, weight)
         better = err < best_err  # strict: ties keep the wider scale
         best = torch.where(better, scale, best)
@@ -98,8 +98,7 @@ def _signed_scale(w: torch.Tensor) -> torch.Tensor:
     return torch.where(negative < positive, -negative, positive)
 
 
-def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` rounded to float16 (as float32); zeros become 1."""
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
     scale = scale.to(torch.float16).float()
     # All-zero rows (fully pruned groups) and fp16 underflow: any nonzero scale represents 0.
     return torch.where(scale != 0, scale, torch.ones_like(scale))
