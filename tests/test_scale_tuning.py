@@ -151,3 +151,23 @@ def test_cli_refuses_bad_tuning(tiny_saved_model, capsys, extra, message):
     model_dir, data = tiny_saved_model
     assert main(prune_args(model_dir, data, "--sparsity", "0.5", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_streamed_run_tunes_as_the_in_memory_run(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pyprune.pipeline.streaming import prune_streamed
+
+    source = tmp_path / "source"
+    tiny_model("llama").save_pretrained(source, max_shard_size="40KB")
+    in_memory = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    _, memory_quantizer = quantized_run(in_memory, ScaleTuning(epochs=1))
+    streamed_quantizer = RecordingQuantizer("gptq", 32)
+    prune_streamed(str(source), str(tmp_path / "out"), calibration(), sparsegpt_int4_solver(32),
+                   UniformSchedule(SparsityPattern(0.5)), {},
+                   RunOptions(batch_size=2, show_progress=False, scale_tuning=ScaleTuning(epochs=1)),
+                   post_solve=streamed_quantizer)
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for name, q in memory_quantizer.results.items():
+        assert torch.equal(q.scales, streamed_quantizer.results[name].scales), name
+        assert torch.equal(weight_matrix(streamed.get_submodule(name)), weight_matrix(in_memory.get_submodule(name)))
