@@ -124,6 +124,10 @@ def _move_own_tensors(modules, device):
 
 
 def run_layer(layer, hidden: torch.Tensor, kwargs: dict):
-    """Call a decoder layer and return its hidden-state output (layers return tensors or tuples)."""
-    out = layer(hidden, **kwargs)
+    """Call a decoder layer and return its hidden-state output."""
+    return hidden_output(layer(hidden, **kwargs))
+
+
+def hidden_output(out):
+    """The hidden states among a decoder layer's outputs (layers return tensors or tuples)."""
     return out[0] if isinstance(out, (tuple, list)) else out

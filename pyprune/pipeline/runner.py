@@ -320,7 +320,7 @@ def _tune_layer(layer, layer_name, linears, inputs, targets, kwargs, quantizer, 
                               device, store)
     for name, module in linears:
         W = quantizer.set_scales(f"{layer_name}.{name}", tuned.scales[name])
-        set_weight_matrix(module, W.to(device=weight_matrix(module).device, dtype=weight_matrix(module).dtype))
+        set_weight_matrix(module, W)  # copied into the module's device and dtype
     for record in layer_records:
         record.update(describe_tuning(tuned))
     return tuned.outputs

@@ -16,11 +16,12 @@ exactly scale x code. The loss over all windows is measured before and after; wh
 lower it, the quantizer's scales are kept.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.func import functional_call
 
+from pyprune.models.capture import hidden_output
 from pyprune.models.families import stored_weight
 from pyprune.ops import int4_grid
 from pyprune.solvers.quant_result import QuantCodes
@@ -56,10 +57,6 @@ class TunedScales:
     kept: bool  # True: tuning did not lower the loss; ``scales`` are the quantizer's
 
 
-def _layer_output(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _weights(modules, codes, thetas, dtype):
     """The layer's Linear weights, as functional_call parameters, for multipliers ``thetas``."""
     params = {}
@@ -90,7 +87,7 @@ def tune_layer_scales(layer, codes: Dict[str, QuantCodes], inputs, targets, kwar
     starts = list(range(0, inputs.shape[0], batch_size))
 
     def forward(batch, params):
-        return _layer_output(functional_call(layer, params, (batch,), kwargs[batch.shape[0]]))
+        return hidden_output(functional_call(layer, params, (batch,), kwargs[batch.shape[0]]))
 
     loss_before, reference = 0.0, 0.0
     with torch.no_grad():
@@ -150,10 +147,8 @@ def _replace_with_outputs(forward, params, inputs, buffer, starts, batch_size, d
     return loss
 
 
-def describe(result: Optional[TunedScales]) -> dict:
+def describe(result: TunedScales) -> dict:
     """Report fields of one layer's tuning (relative to what the layer adds to its input)."""
-    if result is None:
-        return {}
     reference = max(result.reference, 1e-30)
     return {"block_error_before_tuning": result.loss_before / reference,
             "block_error_after_tuning": result.loss_after / reference,
