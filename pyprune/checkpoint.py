@@ -308,6 +308,12 @@ def load(path, device=None, dtype=None, verify: bool = True) -> nn.Module:
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"{path}: no stored value for {still_meta[:5]}")
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear):
+            try:
+                module.packed().validate()
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: module {name!r}: {exc}") from None
     if dtype is not None:
         _cast_dense(model, dtype)
     if device is not None:

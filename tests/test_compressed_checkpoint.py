@@ -147,6 +147,19 @@ def test_tampered_tensor_is_refused(saved_int4, tmp_path):
         load(path)
 
 
+@pytest.mark.parametrize("fmt", ["2:4", "2:4-int4"])
+def test_metadata_breaking_the_position_order_is_refused(tmp_path, fmt):
+    # A file written with consistent checksums but a group storing positions (1, 1): the kernels
+    # assume i0 < i1, so loading must refuse it rather than compute garbage.
+    model = compressed(fmt)
+    module = model.model.layers[1].mlp.up_proj
+    module.meta[0, 3] = (module.meta[0, 3] & ~0xF0) | (0x5 << 4)  # row 3, group 1: i0 = i1 = 1
+    save_compressed(model, tmp_path)
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.up_proj'.*group 1 of row 3 stores "
+                                              r"positions \(1, 1\); each group needs i0 < i1"):
+        load(tmp_path)
+
+
 def test_bad_manifests_are_refused(saved_int4, tmp_path):
     src = saved_int4[1]
     with pytest.raises(CheckpointError, match="no pyprune_manifest.json"):

@@ -13,6 +13,7 @@ from pyprune.triton_kernels import (
 )
 from pyprune.triton_kernels._common import candidate_configs, check_config
 from pyprune.triton_kernels.int4_matmul import int4_limits
+from pyprune.triton_kernels.sparse24_matmul import LIMITS as SPARSE24_LIMITS
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="kernel tests run under TRITON_INTERPRET=1 (see conftest)"
@@ -83,6 +84,43 @@ def test_rows_variant_in_bf16(fmt):
     check(fmt, 5, 40, 256, 128, torch.bfloat16, KernelConfig(16, 16, 128, split_k=2, variant="rows"))
 
 
+@pytest.mark.parametrize("config", [KernelConfig(32, 16, 64, group_m=2, variant="rows", fold_scales=True),
+                                    KernelConfig(16, 32, 64, split_k=3, variant="rows", fold_scales=True)],
+                         ids=["prefill", "decode"])
+@pytest.mark.parametrize("fmt", ["int4", "2:4-int4"])
+def test_rows_with_scales_folded_into_the_fp16_tile(fmt, config):
+    # The tile holds q * s rounded to fp16 (as the dense path's weight): within 1e-3 of the exact
+    # product, and equal to x times that rounded weight up to the fp32 summation order.
+    dense, run = packed(fmt, 24, 384, 64, torch.float16)
+    x = torch.randn(9, 384).half()
+    b = torch.randn(24).half()
+    y = run(x, b, config).float()
+    exact = (x.float() @ dense.t() + b.float()).half().float()
+    rounded = (x.float() @ dense.half().float().t() + b.float()).half().float()
+    assert float((y - exact).norm() / exact.norm()) < 1e-3
+    assert float((y - rounded).norm() / rounded.norm()) < 2e-4
+
+
+def test_rows_spread_groups_padded_with_free_positions():
+    # Groups with 0 or 1 nonzeros store zeros at the lowest free positions: every (i0, i1) pair
+    # the packer writes, through the row-wise spread of both 2:4 formats.
+    w = prune_2of4(torch.randn(24, 256))
+    w[:, 0:4] = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    w[:, 4:8] = w[:, 4:8] * torch.tensor([0.0, 0.0, 0.0, 1.0])
+    w[:, 8:12] = w[:, 8:12] * torch.tensor([1.0, 0.0, 0.0, 0.0])
+    w[:, 12:16] = w[:, 12:16] * torch.tensor([0.0, 1.0, 0.0, 0.0])
+    x = torch.randn(9, 256).half()
+    cfg = KernelConfig(16, 16, 64, group_m=2, variant="rows")
+    p = pack_sparse24(w.half())
+    ref = (x.float() @ p.dense().t()).half().float()
+    y = sparse24_matmul(x, p.values, p.meta, config=cfg).float()
+    assert float((y - ref).norm() / ref.norm()) < 1e-3
+    q = quantize_sparse24_int4(w, 64)
+    ref = (x.float() @ q.dense().t()).half().float()
+    y = sparse24_int4_matmul(x, q.qvalues, q.meta, q.scales, 64, config=cfg).float()
+    assert float((y - ref).norm() / ref.norm()) < 1e-3
+
+
 @pytest.mark.parametrize("fmt", ["int4", "2:4-int4"])
 def test_gemv_tiles_spanning_several_groups(fmt):
     # BLOCK_K = 128 covers four groups of 32: each word takes its own group's scale.
@@ -105,6 +143,19 @@ def test_tuner_offers_gemv_up_to_the_decode_bound(m):
     assert gemv and all(c.block_k <= 512 and c.block_m >= m for c in gemv)
     for c in gemv:
         check_config(c, limits, m)
+
+
+def test_tuner_offers_folded_scales_only_where_allowed():
+    cpu = torch.device("cpu")
+    int4 = candidate_configs(2048, 4096, 4096, int4_limits(128), cpu, allow_dense=True)
+    folded = [c for c in int4 if c.fold_scales]
+    assert folded and all(c.variant == "rows" for c in folded)
+    assert any(c.block_m == 256 for c in int4)  # the wide prefill tiles
+    for c in int4:
+        check_config(c, int4_limits(128), 2048)
+    # bf16 activations (no dense fallback either) and 2:4 (no scales): nothing folded.
+    assert not any(c.fold_scales for c in candidate_configs(2048, 4096, 4096, int4_limits(128), cpu, allow_dense=False))
+    assert not any(c.fold_scales for c in candidate_configs(2048, 4096, 4096, SPARSE24_LIMITS, cpu, allow_dense=True))
 
 
 def test_dequantize_kernels_are_exact():
@@ -141,6 +192,17 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="rows variant needs block_k >= 64"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(16, 16, 32, variant="rows"))
+    q64 = quantize_int4(torch.randn(24, 128), 64)
+    with pytest.raises(ValueError, match="fold_scales needs float16 activations, got torch.bfloat16"):
+        int4_matmul(torch.randn(2, 128).bfloat16(), q64.qweight, q64.scales, 64,
+                    config=KernelConfig(16, 16, 64, variant="rows", fold_scales=True))
+    with pytest.raises(ValueError, match="fold_scales needs the rows variant of a format with group scales"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(16, 16, 32, variant="tile", fold_scales=True))
+    p = pack_sparse24(prune_2of4(torch.randn(24, 128)).half())
+    with pytest.raises(ValueError, match="fold_scales needs the rows variant of a format with group scales"):
+        sparse24_matmul(torch.randn(2, 128).half(), p.values, p.meta,
+                        config=KernelConfig(16, 16, 64, variant="rows", fold_scales=True))
     with pytest.raises(ValueError, match="gemv variant needs block_k a power of two >= 32"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(2, 16, 48, variant="gemv"))

@@ -12,9 +12,11 @@ weight tile in registers and accumulating in fp32. Two paths:
 Variants (``KernelConfig.variant``):
 
 * ``"rows"`` (the default, except gemv at M <= 2): the packed ``[BLOCK_N, BLOCK_K / fields]`` tile is loaded as
-  contiguous runs along K (vector loads, each word read once), its fields are unpacked in
-  registers into the dense ``[BLOCK_N, BLOCK_K]`` tile (a broadcast shift, then a reshape), and
-  one ``tl.dot`` takes it transposed. Needs ``BLOCK_K >= 64``.
+  contiguous runs along K (vector loads, each word read once), decoded in registers into the
+  dense ``[BLOCK_N, BLOCK_K]`` tile (joins keep each word's values in the thread that loaded it),
+  and one ``tl.dot`` takes it transposed. Needs ``BLOCK_K >= 64``. For INT4 formats with fp16
+  activations the tuner also tries it with the group scales folded into the tile
+  (``KernelConfig.fold_scales``).
 * ``"split"`` (decode): the compact packed tile is loaded once and multiplied field by field
   (one ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching
   strided columns of x, which is tiny and cached).
@@ -66,6 +68,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     variant: str = "tile"  # "tile", "split" / "gemv" (decode) or "dense" (see the module docstring)
+    fold_scales: bool = False  # "rows" of an INT4 format, fp16 only: see scaled_dot_rows
 
 
 def next_pow2(x: int) -> int:
@@ -103,11 +106,13 @@ def choose_split_k(n_tiles_mn: int, k_tiles: int, device, waves: int = 2) -> int
 @dataclass(frozen=True)
 class KernelLimits:
     """What a format's kernels accept: ``block_k_max`` (BLOCK_K must divide the group size, a
-    power of two <= 256) and ``split_block_k`` (smallest BLOCK_K of the "split" variant: 16
-    rows per field dot, i.e. 128 for INT4's 8 fields, 64 for the 4 positions of 2:4)."""
+    power of two <= 256), ``split_block_k`` (smallest BLOCK_K of the "split" variant: 16
+    rows per field dot, i.e. 128 for INT4's 8 fields, 64 for the 4 positions of 2:4) and
+    ``scaled`` (group scales, which the "rows" variant can fold into the fp16 tile)."""
 
     block_k_max: int
     split_block_k: int
+    scaled: bool = False  # the format has group scales (INT4 formats)
 
     @property
     def split_ok(self) -> bool:
@@ -181,10 +186,14 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 for bk in (256, 512):
                     cands.append(_gemv_config(M, N, K, bk, bn, device))
     else:
+        fold = limits.scaled and allow_dense  # fp16 activations: q * s may round to fp16
         for bm, bn, bk, warps, stages in (
             (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
             (128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
             (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
+            # 256 rows of x share each decoded weight tile: fewer decode instructions per
+            # multiply-add (bench/bench_decode_instructions.py, prefill rows).
+            (256, 128, 64, 8, 3), (256, 128, 128, 8, 2),
         ):
             if bm > 2 * next_pow2(M):
                 continue
@@ -194,7 +203,10 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
             variant = _unpacking_variant(bk)
             if variant == "tile" and limits.block_k_max >= ROWS_MIN_BLOCK_K:
                 continue
-            cands.append(KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant=variant))
+            cfg = KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant=variant)
+            cands.append(cfg)
+            if fold and variant == "rows":
+                cands.append(replace(cfg, fold_scales=True))
         if allow_dense:
             cands.append(replace(first, variant="dense"))
     seen, unique = set(), []
@@ -277,6 +289,8 @@ def tuned_configs() -> dict:
 def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
     if cfg.variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {cfg.variant!r}; allowed: {', '.join(VARIANTS)}")
+    if cfg.fold_scales and not (limits.scaled and cfg.variant == "rows"):
+        raise ValueError("fold_scales needs the rows variant of a format with group scales (INT4, 2:4+INT4)")
     if cfg.variant == "dense":
         return
     if cfg.variant == "gemv":
@@ -295,6 +309,19 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
             f"the split variant needs block_k >= {limits.split_block_k} and M <= block_m "
             f"(got block_k={cfg.block_k}, M={M}, block_m={cfg.block_m})"
         )
+
+
+def check_fold(cfg: KernelConfig, dtype: torch.dtype):
+    """Rounding ``q * s`` to the activation dtype is only accurate enough in fp16 (bf16 keeps 8
+    bits: about 2^-9 relative error per weight)."""
+    if cfg.fold_scales and dtype != torch.float16:
+        raise ValueError(f"fold_scales needs float16 activations, got {dtype}")
+
+
+def fold_argument(cfg: KernelConfig) -> dict:
+    """The ``FOLD_SCALES`` launch argument of the "rows" kernels of INT4 formats (the other
+    variants do not take it)."""
+    return {"FOLD_SCALES": cfg.fold_scales} if cfg.variant == "rows" else {}
 
 
 def check_activation(x: torch.Tensor, k: int, name: str):
@@ -469,22 +496,96 @@ def dot_rows(a, w_rows, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def unpack_fields(words, BITS: tl.constexpr, FIELDS: tl.constexpr, FIRST: tl.constexpr = 0, STEP: tl.constexpr = 1):
-    """Fields ``FIRST, FIRST + STEP, ...`` (``FIELDS`` of them, ``BITS`` wide) of each int32 word
-    of ``words [R, W]``, in order along the row: int32 ``[R, W * FIELDS]``."""
-    shifts = BITS * (FIRST + STEP * tl.arange(0, FIELDS))
+def scaled_dot_rows(acc, a, q_rows, s, FOLD_SCALES: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ (q_rows * s)^T`` for a tile of exact codes ``q_rows [BLOCK_N, BLOCK_K]`` in a's
+    dtype and its rows' group scales ``s [BLOCK_N]`` (fp16). Exact by default: the scale multiplies
+    the tile's fp32 partial product. ``FOLD_SCALES`` (fp16 only) rounds ``q * s`` to fp16 in the
+    tile, as the dense path does, so that the tensor cores accumulate across K tiles with no
+    per-tile scaling on the CUDA cores."""
+    if FOLD_SCALES:
+        acc += dot_rows(a, q_rows.to(tl.float16) * s[:, None], UPCAST)
+    else:
+        acc += dot_rows(a, q_rows, UPCAST) * s.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def interleave4(h0, h1, h2, h3):
+    """``[R, W]`` x 4 -> ``[R, 4W]`` with ``h_p`` at column ``4j + p``. Joins add a dimension
+    inside each thread, so each run of 4 stays in one thread (no shuffles, no shared memory)."""
+    w = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+    return tl.reshape(w, (h0.shape[0], h0.shape[1] * 4))
+
+
+@triton.jit
+def interleave8(f0, f1, f2, f3, f4, f5, f6, f7):
+    """``[R, W]`` x 8 -> ``[R, 8W]`` with ``f_i`` at column ``8j + i``, each run of 8 in one thread."""
+    w = tl.join(tl.join(tl.join(f0, f4), tl.join(f2, f6)), tl.join(tl.join(f1, f5), tl.join(f3, f7)))
+    return tl.reshape(w, (f0.shape[0], f0.shape[1] * 8))
+
+
+@triton.jit
+def unpack_fields(words, BITS: tl.constexpr, FIELDS: tl.constexpr):
+    """The ``FIELDS`` fields (``BITS`` wide) of each int32 word of ``words [R, W]``, in order along
+    the row: int32 ``[R, W * FIELDS]``."""
+    shifts = BITS * tl.arange(0, FIELDS)
     fields = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(fields, (words.shape[0], words.shape[1] * FIELDS))
 
 
 @triton.jit
-def spread_pairs(v0, v1, i0, i1):
-    """Dense rows ``[R, 4 * G]`` from the kept pair ``(v0, v1)`` at positions ``(i0, i1)`` of each
-    group of 4 (all ``[R, G]``); the other two positions are 0."""
-    pos = tl.arange(0, 4)[None, None, :]
-    zero = tl.zeros_like(v0)[:, :, None]
-    dense = tl.where(i0[:, :, None] == pos, v0[:, :, None], tl.where(i1[:, :, None] == pos, v1[:, :, None], zero))
-    return tl.reshape(dense, (v0.shape[0], v0.shape[1] * 4))
+def _field_pair(words, SHIFT: tl.constexpr, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Codes ``SHIFT/4`` and ``SHIFT/4 + 4`` of each word as exact ``dtype`` values ``code - 8``:
+    one AND and one OR put both nibbles into the mantissas of a pair of 16-bit floats, the two
+    halves of one 32-bit register (fp16 1024 + nibble, bf16 128 + nibble: a unit step there), and
+    one paired subtraction removes the base and the offset. ``UPCAST`` (the interpreter, whose
+    bf16 arithmetic is wrong): float32 codes instead of bf16."""
+    if dtype == tl.float16:
+        pair = ((words >> SHIFT) & 0x000F000F) | 0x64006400
+        lo = pair.to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+        hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    elif dtype == tl.bfloat16 and not UPCAST:
+        pair = ((words >> SHIFT) & 0x000F000F) | 0x43004300
+        lo = pair.to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+        hi = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+    else:
+        lo = nibble_value((words >> SHIFT) & 0xF)
+        hi = nibble_value((words >> (SHIFT + 16)) & 0xF)
+    return lo, hi
+
+
+@triton.jit
+def int4_word_fields(words, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """The 8 codes of each int32 word (offset binary) as exact ``dtype`` (fp16, bf16) values
+    ``code - 8``: eight ``[R, W]`` tensors, field i of every word in the i-th. About one
+    instruction per code, where shift-mask-convert per code takes several."""
+    f0, f4 = _field_pair(words, 0, dtype, UPCAST)
+    f1, f5 = _field_pair(words, 4, dtype, UPCAST)
+    f2, f6 = _field_pair(words, 8, dtype, UPCAST)
+    f3, f7 = _field_pair(words, 12, dtype, UPCAST)
+    return f0, f1, f2, f3, f4, f5, f6, f7
+
+
+@triton.jit
+def int4_words_as(words, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """INT4 words ``[R, W]`` (field i = column 8j + i) -> exact ``dtype`` codes ``[R, 8W]``."""
+    f0, f1, f2, f3, f4, f5, f6, f7 = int4_word_fields(words, dtype, UPCAST)
+    return interleave8(f0, f1, f2, f3, f4, f5, f6, f7)
+
+
+@triton.jit
+def spread_sorted_pairs(v0, v1, field):
+    """Dense rows ``[R, 4G]`` from the kept pair ``(v0, v1)`` of each group of 4 (``[R, G]``) at the
+    positions of ``field = i0 | i1 << 2``. Relies on ``i0 < i1`` (a format invariant): position 0
+    can only hold v0 and position 3 only v1, so six selects build the group."""
+    i0 = field & 3
+    i1 = field >> 2
+    zero = tl.zeros_like(v0)
+    h0 = tl.where(i0 == 0, v0, zero)
+    h1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    h2 = tl.where(i1 == 2, v1, tl.where(i0 == 2, v0, zero))
+    h3 = tl.where(i1 == 3, v1, zero)
+    return interleave4(h0, h1, h2, h3)
 
 
 @triton.jit

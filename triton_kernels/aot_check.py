@@ -56,17 +56,28 @@ def _matmul_signature(kernel, act: str, value: str):
     return sig
 
 
+def launch_specialization(kernel, sig) -> dict:
+    """What a launch tells the compiler: pointers 16-byte aligned, and the shapes and strides
+    multiples of 16 (as in LLaMA-size layers; the JIT marks such arguments ``tt.divisibility``
+    16, which enables vector loads and asynchronous copies). ``M`` and the small scalar
+    arguments are left general."""
+    sizes = {"N", "K"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if sig[name].startswith("*") or name in sizes}
+
+
 def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = None, even_k: bool = True):
     sig = _matmul_signature(kernel, act, value or act)
     consts = {
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
         "GROUPSIZE": 128, "EVEN_K": even_k,  # the gemv kernels' (G = 128, as the representative configurations)
+        "FOLD_SCALES": cfg.fold_scales,
     }
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     if "VALUE_DTYPE" in kernel.arg_names:
         consts["VALUE_DTYPE"] = {"fp16": tl.float16, "bf16": tl.bfloat16}[value or act]
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=launch_specialization(kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
@@ -77,7 +88,8 @@ def compile_other(kernel, sig, consts, arch):
 
 
 def resource_usage(compiled) -> str:
-    """Registers / local memory per thread from the cubin (cuobjdump ships with Triton)."""
+    """Registers, stack (where ptxas spills registers) and local memory per thread, from the
+    cubin (cuobjdump ships with Triton)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         return "regs=?"
@@ -85,28 +97,33 @@ def resource_usage(compiled) -> str:
         f.write(compiled.asm["cubin"])
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", out)
-    return f"regs={m.group(1)} local={m.group(2)}" if m else "regs=?"
+    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", out)
+    return f"regs={m.group(1)} stack={m.group(2)} local={m.group(3)}" if m else "regs=?"
 
 
-def representative_configs(full: bool, split_block_k: int):
-    """The heuristic defaults of both paths (G = 128), and with ``full`` every tuning candidate
-    (at M = 1, 4, 16 and 2048)."""
+def representative_configs(full: bool, split_block_k: int, scaled: bool, act: str):
+    """The heuristic defaults of both paths (G = 128) and a wide prefill tile, and with ``full``
+    every tuning candidate (at M = 1, 4, 16 and 2048) for a format with (``scaled``) or without
+    group scales and activations ``act``."""
     import torch
 
     from ._common import KernelLimits, candidate_configs
 
     if not full:
-        return [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="split"),
+        cfgs = [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="split"),
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="tile"),
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows"),
                 KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="rows"),
-                KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3),
+                KernelConfig(256, 128, 128, split_k=1, num_warps=8, num_stages=2, variant="rows"),
+                KernelConfig(128, 128, 32, split_k=1, num_warps=8, num_stages=3),  # tile: groups of 32
                 KernelConfig(1, 16, 1024, split_k=4, num_warps=4, num_stages=3, variant="gemv"),
                 KernelConfig(16, 8, 256, split_k=4, num_warps=4, num_stages=3, variant="gemv")]
-    limits = KernelLimits(128, split_block_k)
+        if scaled and act == "fp16":
+            cfgs.append(KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True))
+        return cfgs
+    limits = KernelLimits(128, split_block_k, scaled=scaled)
     cpu = torch.device("cpu")
-    cfgs = [c for m in (1, 4, 16, 2048) for c in candidate_configs(m, 4096, 4096, limits, cpu, False)]
+    cfgs = [c for m in (1, 4, 16, 2048) for c in candidate_configs(m, 4096, 4096, limits, cpu, act == "fp16")]
     return [c for c in dict.fromkeys(cfgs) if c.variant != "dense"]  # dense is cuBLAS
 
 
@@ -116,13 +133,13 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="every tuning candidate, not just the defaults")
     args = ap.parse_args(argv)
     failures = 0
-    kernels = [("2:4", dict(SPARSE24_KERNELS, gemv=_sparse24_gemv_kernel), 64),
-               ("int4", dict(INT4_KERNELS, gemv=_int4_gemv_kernel), 128),
-               ("2:4-int4", dict(SPARSE24_INT4_KERNELS, gemv=_sparse24_int4_gemv_kernel), 64)]
+    kernels = [("2:4", dict(SPARSE24_KERNELS, gemv=_sparse24_gemv_kernel), 64, False),
+               ("int4", dict(INT4_KERNELS, gemv=_int4_gemv_kernel), 128, True),
+               ("2:4-int4", dict(SPARSE24_INT4_KERNELS, gemv=_sparse24_int4_gemv_kernel), 64, True)]
     for arch in args.arch:
-        for name, by_variant, split_block_k in kernels:
+        for name, by_variant, split_block_k, scaled in kernels:
             for act in ("fp16", "bf16"):
-                cases = [(cfg, True) for cfg in representative_configs(args.all, split_block_k)]
+                cases = [(cfg, True) for cfg in representative_configs(args.all, split_block_k, scaled, act)]
                 cases += [(cfg, False) for cfg, _ in cases if cfg.variant == "gemv"]  # a tile past K's end
                 for cfg, even_k in cases:
                     kernel = by_variant[cfg.variant]

@@ -3,10 +3,12 @@
 ``qweight [N, K/8]`` int32 (field i of word j = code of column 8j+i, offset binary) and
 ``scales [K/G, N]`` fp16. A K tile never crosses a group (``BLOCK_K`` divides G), so the kernels
 multiply the integer codes (exact in fp16/bf16) with x on the tensor cores and apply the group's
-scale to the fp32 partial product: the dequantization is exact, whatever the activation dtype.
+scale to the fp32 partial product: the dequantization is exact, whatever the activation dtype
+(unless a configuration folds the scales into the fp16 tile, see ``scaled_dot_rows``).
 
 Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/8]`` words (contiguous along K),
-unpacks them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers and does one dot; ``tile``
+decodes them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers (two codes per AND-OR, see
+``int4_word_fields``) and does one dot; ``tile``
 rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split`` (decode, needs G >= 128) loads the
 ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field i against x's columns ``8j + i``;
 ``gemv`` (decode, M <= 16) loads ``[BLOCK_N, BLOCK_K/8]`` words (each row's run along K is
@@ -18,9 +20,9 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
-    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
-    store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, unpack_fields,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
+    fold_argument, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
+    store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
     unit_scales, gemv_masks,
 )
 
@@ -88,6 +90,7 @@ def _int4_rows_kernel(
     M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    FOLD_SCALES: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_w = tl.arange(0, BLOCK_K // 8)
@@ -97,9 +100,9 @@ def _int4_rows_kernel(
         a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
         words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 8) + offs_w)[None, :],
                         mask=(offs_n < N)[:, None], other=0)
-        q = unpack_fields(words, 4, 8) - 8
+        q = int4_words_as(words, a.dtype, UPCAST)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
-        acc += dot_rows(a, q, UPCAST) * s.to(tl.float32)[None, :]
+        acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
@@ -182,7 +185,7 @@ def _check_packed(qweight, scales, groupsize):
 
 
 def int4_limits(groupsize: int) -> KernelLimits:
-    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=128)
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=128, scaled=True)
 
 
 def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
@@ -210,6 +213,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
 
     def launch(cfg):
         check_config(cfg, limits, m)
+        check_fold(cfg, x2.dtype)
         if cfg.variant == "dense":
             y = torch.matmul(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype).t())
             return y + bias if bias is not None else y
@@ -228,7 +232,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
             m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fold_argument(cfg),
         )
         return finish_split_k(ws, y, bias, cfg, x2.dtype)
 

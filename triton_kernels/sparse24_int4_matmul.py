@@ -3,7 +3,8 @@
 ``qvalues [N, K/16]`` int32 (the kept codes, 8 per word, offset binary; the pair of group g is
 fields 2(g%4), 2(g%4)+1 of word g//4), ``meta [K/32, N]`` int32 (as for 2:4) and
 ``scales [K/G, N]`` fp16. Integer codes (exact in fp16/bf16) go through the tensor cores and the
-group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exact dequantization.
+group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exact dequantization
+(unless a configuration folds the scales into the fp16 tile, see ``scaled_dot_rows``).
 
 Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
@@ -18,13 +19,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
-    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config, pow2_divisor,
-    store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields,
-    unit_scales, gemv_masks,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
+    fold_argument, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config,
+    pow2_divisor, store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_word_fields,
+    interleave4, scaled_dot_rows, spread_sorted_pairs, unit_scales, gemv_masks,
 )
 from .sparse24_matmul import (
-    group_positions, kept_position_bits, kept_slots, pick_column, positions_rows, x_group_columns,
+    group_positions, kept_position_bits, kept_slots, meta_fields_rows, pick_column, x_group_columns,
 )
 
 
@@ -100,6 +101,7 @@ def _sparse24_int4_rows_kernel(
     M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    FOLD_SCALES: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_w = tl.arange(0, BLOCK_K // 16)
@@ -110,12 +112,14 @@ def _sparse24_int4_rows_kernel(
         a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
         words = tl.load(qv_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 16) + offs_w)[None, :],
                         mask=row_mask, other=0)
-        q0 = unpack_fields(words, 4, 4, FIRST=0, STEP=2) - 8  # [BLOCK_N, BLOCK_K / 4]: group g's first code
-        q1 = unpack_fields(words, 4, 4, FIRST=1, STEP=2) - 8
-        i0, i1 = positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-        q = spread_pairs(q0, q1, i0, i1)
+        # Field 2i of a word is group i's first kept code, field 2i + 1 its second.
+        f0, f1, f2, f3, f4, f5, f6, f7 = int4_word_fields(words, a.dtype, UPCAST)
+        q0 = interleave4(f0, f2, f4, f6)  # [BLOCK_N, BLOCK_K / 4]
+        q1 = interleave4(f1, f3, f5, f7)
+        field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+        q = spread_sorted_pairs(q0, q1, field)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
-        acc += dot_rows(a, q, UPCAST) * s.to(tl.float32)[None, :]
+        acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
@@ -181,7 +185,7 @@ def _check_packed(qvalues, meta, scales, groupsize):
 
 
 def sparse24_int4_limits(groupsize: int) -> KernelLimits:
-    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64)
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64, scaled=True)
 
 
 def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.float16):
@@ -209,6 +213,7 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
 
     def launch(cfg):
         check_config(cfg, limits, m)
+        check_fold(cfg, x2.dtype)
         if cfg.variant == "dense":
             w = sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype)
             y = torch.matmul(x2, w.t())
@@ -229,7 +234,7 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
             groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fold_argument(cfg),
         )
         return finish_split_k(ws, y, bias, cfg, x2.dtype)
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    store_weight_rows, program_tile, expand_blocks, dot_rows, spread_pairs, unpack_fields, gemv_masks,
+    store_weight_rows, program_tile, expand_blocks, dot_rows, spread_sorted_pairs, unpack_fields, gemv_masks,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
@@ -114,13 +114,6 @@ def meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
-    """Kept positions ``(i0, i1)``, int32 ``[BLOCK_N, BLOCK_K/4]``, of the groups of K tile ``t``."""
-    field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-    return field & 3, field >> 2
-
-
-@triton.jit
 def kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K: tl.constexpr):
     """The kept positions ``(i0, i1)`` of the groups of K tile ``t`` as bits, for the gemv
     variants: boolean ``[BLOCK_N, BLOCK_K/4]`` tensors ``(i0 & 1, i0 & 2, i1 & 1, i1 & 2)``."""
@@ -199,8 +192,8 @@ def _sparse24_rows_kernel(
         pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
         v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
         v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        i0, i1 = positions_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-        acc += dot_rows(a, spread_pairs(v0, v1, i0, i1), UPCAST)
+        field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+        acc += dot_rows(a, spread_sorted_pairs(v0, v1, field), UPCAST)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 

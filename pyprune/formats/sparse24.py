@@ -10,7 +10,8 @@ columns of a row (columns ``4g .. 4g+3``) holds at most 2 nonzeros is stored as:
 * ``meta``: ``[K/32, N]`` int32, transposed so that the metadata of consecutive output rows is
   contiguous (one coalesced load per tile in the kernels). Group ``g`` of row ``n`` is the 4-bit
   field ``g % 8`` (bits ``4*(g%8) .. 4*(g%8)+3``) of ``meta[g // 8, n]``; the field is
-  ``i0 | (i1 << 2)``: two 2-bit positions, one per kept value.
+  ``i0 | (i1 << 2)``: two 2-bit positions, one per kept value, always ``i0 < i1`` (checked when a
+  checkpoint is loaded: the kernels rely on it).
 
 Size: 16 bits x K/2 values + 4 bits per group = 9 bits per weight in fp16 (0.5625x of fp16).
 ``unpack(pack(W)) == W`` exactly when ``W`` is already in the value dtype.
@@ -62,6 +63,19 @@ def kept_positions(nonzero: torch.Tensor) -> tuple:
     mask = g[..., 0] | (g[..., 1] << 1) | (g[..., 2] << 2) | (g[..., 3] << 3)
     pairs = _PAIRS.to(nonzero.device)[mask.long()]
     return pairs[..., 0], pairs[..., 1]
+
+
+def check_meta(meta: torch.Tensor, name: str = "meta"):
+    """Every group's stored positions must satisfy ``i0 < i1`` (the kernels rely on it): refuse
+    metadata that does not, naming the first offending group."""
+    i0, i1 = unpack_meta(meta)
+    bad = (i0 >= i1).nonzero()
+    if len(bad):
+        row, group = (int(v) for v in bad[0])
+        raise ValueError(
+            f"packed tensor {name!r}: group {group} of row {row} stores positions "
+            f"({int(i0[row, group])}, {int(i1[row, group])}); each group needs i0 < i1"
+        )
 
 
 def pack_meta(i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
@@ -122,6 +136,7 @@ class Sparse24Weight(PackedWeight):
         n, k = self.shape
         expect_tensor(self.values, (n, k // 2), VALUE_DTYPES, "values")
         expect_tensor(self.meta, (k // 32, n), (torch.int32,), "meta")
+        check_meta(self.meta)
 
 
 def pack_sparse24(weight: torch.Tensor, dtype: torch.dtype = None) -> Sparse24Weight:

@@ -23,7 +23,7 @@ from pyprune.formats.base import PackedWeight, check_matrix, expect_tensor
 from pyprune.formats.int4 import check_codes, check_scales, dequantize_codes, resolve_groupsize, rtn_codes
 from pyprune.formats.nibbles import pack_nibbles, unpack_nibbles
 from pyprune.formats.sparse24 import (
-    check_2of4, gather_kept, kept_positions, pack_meta, scatter_kept, unpack_meta,
+    check_2of4, check_meta, gather_kept, kept_positions, pack_meta, scatter_kept, unpack_meta,
 )
 
 
@@ -58,6 +58,7 @@ class Sparse24Int4Weight(PackedWeight):
         n, k = self.shape
         expect_tensor(self.qvalues, (n, k // 16), (torch.int32,), "qvalues")
         expect_tensor(self.meta, (k // 32, n), (torch.int32,), "meta")
+        check_meta(self.meta)
         expect_tensor(self.scales, (k // self.groupsize, n), (torch.float16,), "scales")
 
 

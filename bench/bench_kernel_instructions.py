@@ -1,0 +1,196 @@
+"""Instructions in the main loop of the packed-weight matmul kernels, from the real compiler
+output for an H100 (sm_90), without a GPU.
+
+Decode (M <= 16): at M = 1 the gemv kernels are limited by instructions, not bytes. An H100
+issues about 3.3e13 thread instructions per second, so streaming INT4 at 3 TB/s (6e12 weights/s)
+leaves about 5.5 instructions per weight. Reported: instructions per stored weight (one INT4
+code, or one kept value of a 2:4 format) and int-to-float conversions (``I2F``, quarter rate).
+
+Prefill (tensor cores, M >= 64): each program decodes a ``BLOCK_N x BLOCK_K`` weight tile and
+multiplies it with ``BLOCK_M`` rows of x. Reported: the loop's warp-instructions over the 4
+schedulers of an SM, divided by the tensor-core cycles of its multiply-adds at the dense fp16
+peak (989 TFLOPS over 132 SMs at 1.83 GHz: 2048 per cycle per SM). Above 1 the loop cannot keep
+the tensor cores busy, whatever the memory system does.
+
+Each kernel is compiled with Triton's compiler and ptxas as a launch specializes it (pointers
+16-byte aligned; N, K and strides multiples of 16), fp16 activations, G = 128, K a multiple of
+BLOCK_K; the SASS comes from ``cuobjdump -sass``, and the main loop is the longest backward branch.
+
+    python bench/bench_kernel_instructions.py [--tag NAME]
+
+Writes ``bench/results/kernel_instructions[_NAME].json`` and ``.md``. It is a proxy: it says
+nothing about memory latency or occupancy; the serving benchmark on a GPU is the measurement.
+"""
+import argparse
+import collections
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: this benchmark compiles the kernels")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+
+KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of K)
+    "int4": ("int4_matmul", "_int4_gemv_kernel", 1.0),
+    "2:4": ("sparse24_matmul", "_sparse24_gemv_kernel", 0.5),
+    "2:4-int4": ("sparse24_int4_matmul", "_sparse24_int4_gemv_kernel", 0.5),
+}
+# (variant, BLOCK_M, BLOCK_N, BLOCK_K): the gemv default at M = 1, narrower tiles, the M = 4 / 16
+# candidates, and the tensor-core decode kernels at M = 16 (4 warps).
+DECODE_TILES = [("gemv", 1, 16, 1024), ("gemv", 1, 8, 1024), ("gemv", 1, 16, 512), ("gemv", 4, 16, 512),
+                ("gemv", 4, 8, 512), ("gemv", 16, 8, 256), ("split", 16, 64, 128), ("rows", 16, 64, 128),
+                ("rows", 16, 128, 128)]
+DECODE_WARPS = 4
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages) of the "rows" prefill kernel, 8 warps: the default and the
+# tuner's wider tiles; each with the scales folded into the fp16 tile too, for the INT4 formats.
+PREFILL_TILES = [(128, 128, 64, 3), (128, 128, 128, 3), (256, 128, 64, 3), (256, 128, 128, 2)]
+PREFILL_WARPS = 8
+GROUPSIZE = 128
+TENSOR_FMA_PER_CYCLE = 2048  # dense fp16 multiply-adds per cycle per SM, H100 SXM
+SCHEDULERS = 4  # warp-instructions issued per cycle per SM
+
+
+def compile_kernel(kernel, block_m, block_n, block_k, num_warps, num_stages=3, fold_scales=False, arch=90):
+    """The kernel compiled for ``sm_<arch>`` as a launch specializes it (signature from its
+    parameters, so older and newer versions of a kernel compile alike)."""
+    values = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": 4 if block_m <= 16 else 1,
+              "HAS_BIAS": False, "EVEN_K": True, "GROUPSIZE": GROUPSIZE, "VALUE_DTYPE": tl.float16, "GROUP_M": 8,
+              "UPCAST": False, "FOLD_SCALES": fold_scales}
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            consts[p.name] = values[p.name]
+            continue
+        if p.name in ("x_ptr", "y_ptr", "bias_ptr", "s_ptr"):
+            sig[p.name] = "*fp16"
+        elif p.name == "ws_ptr":
+            sig[p.name] = "*fp32"
+        elif p.name == "qb_ptr":
+            sig[p.name] = "*u8"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*i32"
+        else:
+            sig[p.name] = "i32"
+        if sig[p.name].startswith("*") or p.name in ("N", "K") or p.name.startswith("stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
+                                                                            "num_stages": num_stages})
+
+
+def main_loop_ops(compiled) -> collections.Counter:
+    """Opcode counts of the longest loop (backward branch) of the kernel's SASS."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]+)?\s*(.*)", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2), m.group(4)))
+    loop = None
+    for addr, op, args in code:
+        target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            span = (int(target.group(1), 16), addr)
+            if loop is None or span[1] - span[0] > loop[1] - loop[0]:
+                loop = span
+    if loop is None:
+        raise RuntimeError("no loop found in the kernel's SASS")
+    return collections.Counter(op for addr, op, _ in code if loop[0] <= addr <= loop[1])
+
+
+def measure_decode():
+    rows = []
+    for fmt, (module, name, stored) in KERNELS.items():
+        kernels = importlib.import_module(f"pyprune.triton_kernels.{module}")
+        for variant, bm, bn, bk in DECODE_TILES:
+            kernel = getattr(kernels, name) if variant == "gemv" else kernels._KERNELS[variant]
+            ops = main_loop_ops(compile_kernel(kernel, bm, bn, bk, DECODE_WARPS))
+            weights = bn * bk * stored / (32 * DECODE_WARPS)
+            total = sum(ops.values())
+            rows.append({"format": fmt, "variant": variant, "block_m": bm, "block_n": bn, "block_k": bk,
+                         "instructions": total, "per_stored_weight": total / weights,
+                         "i2f_per_stored_weight": ops["I2F"] / weights, "top": ops.most_common(8)})
+            print(f"{fmt:8s} {variant:5s} M-tile {bm:2d} BN {bn:3d} BK {bk:4d}: {total / weights:6.2f} per stored "
+                  f"weight (I2F {ops['I2F'] / weights:.2f})", flush=True)
+    return rows
+
+
+def measure_prefill():
+    rows = []
+    for fmt, (module, _, _) in KERNELS.items():
+        kernels = importlib.import_module(f"pyprune.triton_kernels.{module}")
+        kernel = kernels._KERNELS["rows"]
+        folds = (False, True) if "FOLD_SCALES" in kernel.arg_names else (False,)
+        for bm, bn, bk, stages in PREFILL_TILES:
+            for fold in folds:
+                compiled = compile_kernel(kernel, bm, bn, bk, PREFILL_WARPS, stages, fold)
+                ops = main_loop_ops(compiled)
+                total = sum(ops.values())
+                ratio = total * PREFILL_WARPS / SCHEDULERS / (bm * bn * bk / TENSOR_FMA_PER_CYCLE)
+                spills = ops["LDL"] + ops["STL"]
+                rows.append({"format": fmt, "block_m": bm, "block_n": bn, "block_k": bk, "stages": stages,
+                             "fold_scales": fold, "instructions": total, "issue_per_tensor_cycle": ratio,
+                             "spill_instructions": spills, "top": ops.most_common(8)})
+                print(f"{fmt:8s} rows {bm}x{bn}x{bk}{' fold' if fold else ''}: {total} per thread, "
+                      f"issue / tensor cycles {ratio:.2f}, spills {spills}", flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tag", default="", help="suffix of the result files, named in them (e.g. the commit whose "
+                    "kernels are measured: run with that checkout first on PYTHONPATH)")
+    args = ap.parse_args()
+    decode, prefill = measure_decode(), measure_prefill()
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       "kernel_instructions" + (f"_{args.tag}" if args.tag else ""))
+    meta = {"triton": triton.__version__, "arch": "sm_90", "decode_warps": DECODE_WARPS,
+            "prefill_warps": PREFILL_WARPS, "groupsize": GROUPSIZE}
+    with open(out + ".json", "w") as f:
+        json.dump({"meta": meta, "decode": decode, "prefill": prefill}, f, indent=1)
+    lines = [f"# Packed-weight matmul kernels: SASS instructions in the main loop (sm_90, Triton {triton.__version__})",
+             "", "`python bench/bench_kernel_instructions.py`: compiled as a launch specializes the kernels, not run "
+             f"(no GPU needed). fp16 activations, G = {GROUPSIZE}." + (f" Kernels of: {args.tag}." if args.tag else ""),
+             "", f"## Decode ({DECODE_WARPS} warps): per stored weight (one INT4 code, or one kept value of a 2:4 format)",
+             "", "| format | variant | BLOCK_M | BLOCK_N | BLOCK_K | instructions / iteration / thread | "
+             "per stored weight | of which I2F | most frequent |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in decode:
+        top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
+        lines.append(f"| {r['format']} | {r['variant']} | {r['block_m']} | {r['block_n']} | {r['block_k']} | "
+                     f"{r['instructions']} | {r['per_stored_weight']:.2f} | {r['i2f_per_stored_weight']:.2f} | {top} |")
+    lines += ["", f"## Prefill, rows kernel ({PREFILL_WARPS} warps): issue cycles per tensor-core cycle",
+              "", f"Warp-instructions of one iteration over {SCHEDULERS} schedulers, divided by the cycles of its "
+              f"BLOCK_M x BLOCK_N x BLOCK_K multiply-adds at {TENSOR_FMA_PER_CYCLE} per cycle per SM (dense fp16 "
+              "peak). Above 1 the loop cannot keep the tensor cores busy. 'fold': group scales folded into the "
+              "fp16 tile (fp16 activations only).", "",
+              "| format | tile (M x N x K) | stages | scales | instructions / iteration / thread | "
+              "issue / tensor cycles | spill loads + stores | most frequent |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in prefill:
+        top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
+        scales = "-" if r["format"] == "2:4" else ("folded" if r["fold_scales"] else "exact")
+        lines.append(f"| {r['format']} | {r['block_m']} x {r['block_n']} x {r['block_k']} | {r['stages']} | {scales} | "
+                     f"{r['instructions']} | {r['issue_per_tensor_cycle']:.2f} | {r['spill_instructions']} | {top} |")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {out}.json and {out}.md")
+
+
+if __name__ == "__main__":
+    main()
