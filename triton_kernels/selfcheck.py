@@ -51,7 +51,9 @@ def main() -> int:
                KernelConfig(16, 64, 128, split_k=3, variant="rows"),
                KernelConfig(64, 128, 64, num_warps=4, num_stages=3, variant="rows"),
                KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-               KernelConfig(128, 128, 64, num_warps=8, num_stages=3)]
+               KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+               KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows"),
+               KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True)]
     tuned_shape, tuned_m = (1000, 1024, 128), (1, 16, 300)
     worst, failures = 0.0, 0
     for n, k, g in (tuned_shape, (4096, 4096, 128), (384, 2048, 64)):
@@ -67,6 +69,8 @@ def main() -> int:
                         if cfg is not None and cfg.variant in ("split", "gemv") and m > cfg.block_m:
                             continue
                         if cfg is not None and name != "2:4" and g % cfg.block_k:
+                            continue
+                        if cfg is not None and cfg.fold_scales and (name == "2:4" or dtype != torch.float16):
                             continue
                         y = fn(x, b, cfg).float()
                         err = float((y - ref).norm() / ref.norm())
