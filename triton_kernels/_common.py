@@ -192,7 +192,7 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
             (128, 64, 64, 4, 3), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3),
             (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3),
             # 256 rows of x share each decoded weight tile: fewer decode instructions per
-            # multiply-add (bench/bench_decode_instructions.py, prefill rows).
+            # multiply-add (bench/bench_kernel_instructions.py, prefill).
             (256, 128, 64, 8, 3), (256, 128, 128, 8, 2),
         ):
             if bm > 2 * next_pow2(M):
