@@ -12,6 +12,12 @@ schedulers of an SM, divided by the tensor-core cycles of its multiply-adds at t
 peak (989 TFLOPS over 132 SMs at 1.83 GHz: 2048 per cycle per SM). Above 1 the loop cannot keep
 the tensor cores busy, whatever the memory system does.
 
+Prefill also reports how many wgmma groups the loop leaves in flight when it waits (from the
+TTGIR's ``warp_group_dot_wait``): 0 means the tensor cores and the decoding take turns. With the
+decoded tile as the dot's right operand (the default) it goes through shared memory and the wait
+is 0; as the left operand (``weight_left``) wgmma reads it from registers, and where the dot
+accumulates across K tiles Triton splits it along K and overlaps decoding with the tensor cores.
+
 Each kernel is compiled with Triton's compiler and ptxas as a launch specializes it (pointers
 16-byte aligned; N, K and strides multiples of 16), fp16 activations, G = 128, K a multiple of
 BLOCK_K; the SASS comes from ``cuobjdump -sass``, and the main loop is the longest backward branch.
@@ -49,7 +55,7 @@ KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of
 # candidates, and the tensor-core decode kernels at M = 16 (4 warps).
 DECODE_TILES = [("gemv", 1, 16, 1024), ("gemv", 1, 8, 1024), ("gemv", 1, 16, 512), ("gemv", 4, 16, 512),
                 ("gemv", 4, 8, 512), ("gemv", 16, 8, 256), ("split", 16, 64, 128), ("rows", 16, 64, 128),
-                ("rows", 16, 128, 128)]
+                ("rows", 16, 128, 128), ("rows-left", 16, 64, 128), ("rows-left", 16, 128, 128)]
 DECODE_WARPS = 4
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages) of the "rows" prefill kernel, 8 warps: the default and the
 # tuner's wider tiles; each with the scales folded into the fp16 tile too, for the INT4 formats.
@@ -60,19 +66,20 @@ TENSOR_FMA_PER_CYCLE = 2048  # dense fp16 multiply-adds per cycle per SM, H100 S
 SCHEDULERS = 4  # warp-instructions issued per cycle per SM
 
 
-def compile_kernel(kernel, block_m, block_n, block_k, num_warps, num_stages=3, fold_scales=False, arch=90):
+def compile_kernel(kernel, block_m, block_n, block_k, num_warps, num_stages=3, fold_scales=False, arch=90,
+                   weight_left=False):
     """The kernel compiled for ``sm_<arch>`` as a launch specializes it (signature from its
     parameters, so older and newer versions of a kernel compile alike)."""
     values = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": 4 if block_m <= 16 else 1,
               "HAS_BIAS": False, "EVEN_K": True, "GROUPSIZE": GROUPSIZE, "VALUE_DTYPE": tl.float16, "GROUP_M": 8,
-              "UPCAST": False, "FOLD_SCALES": fold_scales}
+              "UPCAST": False, "FOLD_SCALES": fold_scales, "W_LEFT": weight_left}
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
             consts[p.name] = values[p.name]
             continue
-        if p.name in ("x_ptr", "y_ptr", "bias_ptr", "s_ptr"):
+        if p.name in ("x_ptr", "y_ptr", "bias_ptr", "s_ptr", "val_ptr"):  # val_ptr: 2:4 values as stored
             sig[p.name] = "*fp16"
         elif p.name == "ws_ptr":
             sig[p.name] = "*fp32"
@@ -87,6 +94,12 @@ def compile_kernel(kernel, block_m, block_n, block_k, num_warps, num_stages=3, f
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
                                                                             "num_stages": num_stages})
+
+
+def wgmma_in_flight(compiled) -> int:
+    """The most wgmma groups the kernel leaves running at a wait (0: none; -1: no wgmma)."""
+    waits = [int(n) for n in re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", compiled.asm["ttgir"])]
+    return max(waits) if waits else -1
 
 
 def main_loop_ops(compiled) -> collections.Counter:
@@ -118,8 +131,8 @@ def measure_decode():
     for fmt, (module, name, stored) in KERNELS.items():
         kernels = importlib.import_module(f"pyprune.triton_kernels.{module}")
         for variant, bm, bn, bk in DECODE_TILES:
-            kernel = getattr(kernels, name) if variant == "gemv" else kernels._KERNELS[variant]
-            ops = main_loop_ops(compile_kernel(kernel, bm, bn, bk, DECODE_WARPS))
+            kernel = getattr(kernels, name) if variant == "gemv" else kernels._KERNELS[variant.split("-")[0]]
+            ops = main_loop_ops(compile_kernel(kernel, bm, bn, bk, DECODE_WARPS, weight_left=variant == "rows-left"))
             weights = bn * bk * stored / (32 * DECODE_WARPS)
             total = sum(ops.values())
             rows.append({"format": fmt, "variant": variant, "block_m": bm, "block_n": bn, "block_k": bk,
@@ -136,18 +149,22 @@ def measure_prefill():
         kernels = importlib.import_module(f"pyprune.triton_kernels.{module}")
         kernel = kernels._KERNELS["rows"]
         folds = (False, True) if "FOLD_SCALES" in kernel.arg_names else (False,)
+        lefts = (False, True) if "W_LEFT" in kernel.arg_names else (False,)
         for bm, bn, bk, stages in PREFILL_TILES:
-            for fold in folds:
-                compiled = compile_kernel(kernel, bm, bn, bk, PREFILL_WARPS, stages, fold)
-                ops = main_loop_ops(compiled)
-                total = sum(ops.values())
-                ratio = total * PREFILL_WARPS / SCHEDULERS / (bm * bn * bk / TENSOR_FMA_PER_CYCLE)
-                spills = ops["LDL"] + ops["STL"]
-                rows.append({"format": fmt, "block_m": bm, "block_n": bn, "block_k": bk, "stages": stages,
-                             "fold_scales": fold, "instructions": total, "issue_per_tensor_cycle": ratio,
-                             "spill_instructions": spills, "top": ops.most_common(8)})
-                print(f"{fmt:8s} rows {bm}x{bn}x{bk}{' fold' if fold else ''}: {total} per thread, "
-                      f"issue / tensor cycles {ratio:.2f}, spills {spills}", flush=True)
+            for left in lefts:
+                for fold in folds:
+                    compiled = compile_kernel(kernel, bm, bn, bk, PREFILL_WARPS, stages, fold, weight_left=left)
+                    ops = main_loop_ops(compiled)
+                    total = sum(ops.values())
+                    ratio = total * PREFILL_WARPS / SCHEDULERS / (bm * bn * bk / TENSOR_FMA_PER_CYCLE)
+                    spills = ops["LDL"] + ops["STL"]
+                    rows.append({"format": fmt, "block_m": bm, "block_n": bn, "block_k": bk, "stages": stages,
+                                 "fold_scales": fold, "weight_left": left, "instructions": total,
+                                 "issue_per_tensor_cycle": ratio, "spill_instructions": spills,
+                                 "wgmma_in_flight": wgmma_in_flight(compiled), "top": ops.most_common(8)})
+                    print(f"{fmt:8s} rows {bm}x{bn}x{bk}{' fold' if fold else ''}{' left' if left else ''}: "
+                          f"{total} per thread, issue / tensor cycles {ratio:.2f}, spills {spills}, "
+                          f"wgmma in flight {rows[-1]['wgmma_in_flight']}", flush=True)
     return rows
 
 
@@ -178,15 +195,19 @@ def main():
               "", f"Warp-instructions of one iteration over {SCHEDULERS} schedulers, divided by the cycles of its "
               f"BLOCK_M x BLOCK_N x BLOCK_K multiply-adds at {TENSOR_FMA_PER_CYCLE} per cycle per SM (dense fp16 "
               "peak). Above 1 the loop cannot keep the tensor cores busy. 'fold': group scales folded into the "
-              "fp16 tile (fp16 activations only).", "",
-              "| format | tile (M x N x K) | stages | scales | instructions / iteration / thread | "
-              "issue / tensor cycles | spill loads + stores | most frequent |",
-              "|---|---|---|---|---|---|---|---|"]
+              "fp16 tile (fp16 activations only). 'W operand': the decoded weight tile as the dot's right "
+              "operand (through shared memory) or left (wgmma reads it from registers). 'wgmma in flight': "
+              "the most wgmma groups left running at a wait (0: decoding and tensor cores take turns).", "",
+              "| format | tile (M x N x K) | stages | scales | W operand | instructions / iteration / thread | "
+              "issue / tensor cycles | spill loads + stores | wgmma in flight | most frequent |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in prefill:
         top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
         scales = "-" if r["format"] == "2:4" else ("folded" if r["fold_scales"] else "exact")
         lines.append(f"| {r['format']} | {r['block_m']} x {r['block_n']} x {r['block_k']} | {r['stages']} | {scales} | "
-                     f"{r['instructions']} | {r['issue_per_tensor_cycle']:.2f} | {r['spill_instructions']} | {top} |")
+                     f"{'left' if r.get('weight_left') else 'right'} | {r['instructions']} | "
+                     f"{r['issue_per_tensor_cycle']:.2f} | {r['spill_instructions']} | {r.get('wgmma_in_flight', '?')} | "
+                     f"{top} |")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}.json and {out}.md")

@@ -66,10 +66,13 @@ VARIANTS = [
     KernelConfig(8, 16, 64, split_k=3, variant="gemv"),  # decode on the CUDA cores, uneven split-K
     KernelConfig(16, 32, 64, split_k=3, variant="rows"),  # decode, words unpacked row-wise, uneven split-K
     KernelConfig(32, 16, 128, group_m=2, variant="rows"),  # prefill, a tile past K's end (2:4: K = 384)
+    KernelConfig(16, 32, 64, split_k=3, variant="rows", weight_left=True),  # y^T = W x^T, uneven split-K
+    KernelConfig(32, 16, 128, group_m=2, variant="rows", weight_left=True),  # y^T = W x^T, prefill
 ]
 
 
-@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill", "gemv", "rows", "rows-prefill"])
+@pytest.mark.parametrize("config", VARIANTS, ids=["split", "tile-splitk", "prefill", "gemv", "rows", "rows-prefill",
+                                                  "rows-weight-left", "rows-weight-left-prefill"])
 @pytest.mark.parametrize("fmt,groupsize", [("2:4", None), ("int4", -1), ("2:4-int4", 64)])
 def test_variants_match_reference(fmt, groupsize, config):
     if fmt == "2:4-int4" and config.block_k > 64:
@@ -78,15 +81,19 @@ def test_variants_match_reference(fmt, groupsize, config):
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
 
+@pytest.mark.parametrize("weight_left", [False, True])
 @pytest.mark.parametrize("fmt", ["2:4", "2:4-int4"])
-def test_rows_variant_in_bf16(fmt):
+def test_rows_variant_in_bf16(fmt, weight_left):
     # 2:4 values stored in bf16 are reinterpreted from their 32-bit pair words in the kernel.
-    check(fmt, 5, 40, 256, 128, torch.bfloat16, KernelConfig(16, 16, 128, split_k=2, variant="rows"))
+    check(fmt, 5, 40, 256, 128, torch.bfloat16,
+          KernelConfig(16, 16, 128, split_k=2, variant="rows", weight_left=weight_left))
 
 
 @pytest.mark.parametrize("config", [KernelConfig(32, 16, 64, group_m=2, variant="rows", fold_scales=True),
-                                    KernelConfig(16, 32, 64, split_k=3, variant="rows", fold_scales=True)],
-                         ids=["prefill", "decode"])
+                                    KernelConfig(16, 32, 64, split_k=3, variant="rows", fold_scales=True),
+                                    KernelConfig(32, 16, 64, group_m=2, variant="rows", fold_scales=True,
+                                                 weight_left=True)],
+                         ids=["prefill", "decode", "prefill-weight-left"])
 @pytest.mark.parametrize("fmt", ["int4", "2:4-int4"])
 def test_rows_with_scales_folded_into_the_fp16_tile(fmt, config):
     # The tile holds q * s rounded to fp16 (as the dense path's weight): within 1e-3 of the exact
@@ -159,6 +166,24 @@ def test_tuner_offers_folded_scales_only_where_allowed():
     assert not any(c.fold_scales for c in candidate_configs(2048, 4096, 4096, SPARSE24_LIMITS, cpu, allow_dense=True))
 
 
+@pytest.mark.parametrize("m", [16, 2048])
+def test_tuner_offers_the_weight_as_left_operand(m):
+    # fp16 INT4: beside every folded prefill tile (where the dot accumulates across K tiles);
+    # bf16 INT4 and 2:4: beside every rows tile. Decode: the 64- and 128-row tiles.
+    cpu = torch.device("cpu")
+    for limits, allow_dense in ((int4_limits(128), True), (int4_limits(128), False), (SPARSE24_LIMITS, True)):
+        cands = candidate_configs(m, 4096, 4096, limits, cpu, allow_dense)
+        left = [c for c in cands if c.weight_left]
+        assert left and all(c.variant == "rows" for c in left)
+        for c in left:
+            check_config(c, limits, m)
+            assert replace(c, weight_left=False) in cands
+            if m == 2048 and limits.scaled:
+                assert c.fold_scales == allow_dense
+            if m == 16:
+                assert c.block_n >= 64
+
+
 def test_dequantize_kernels_are_exact():
     w = prune_2of4(torch.randn(40, 256))
     p = pack_sparse24(w.half())
@@ -200,6 +225,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="fold_scales needs the rows variant of a format with group scales"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(16, 16, 32, variant="tile", fold_scales=True))
+    with pytest.raises(ValueError, match="weight_left needs the rows variant"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(16, 16, 32, variant="tile", weight_left=True))
     p = pack_sparse24(prune_2of4(torch.randn(24, 128)).half())
     with pytest.raises(ValueError, match="fold_scales needs the rows variant of a format with group scales"):
         sparse24_matmul(torch.randn(2, 128).half(), p.values, p.meta,

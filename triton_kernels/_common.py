@@ -16,7 +16,8 @@ Variants (``KernelConfig.variant``):
   dense ``[BLOCK_N, BLOCK_K]`` tile (joins keep each word's values in the thread that loaded it),
   and one ``tl.dot`` takes it transposed. Needs ``BLOCK_K >= 64``. For INT4 formats with fp16
   activations the tuner also tries it with the group scales folded into the tile
-  (``KernelConfig.fold_scales``).
+  (``KernelConfig.fold_scales``), and every format with the weight as the dot's left operand
+  (``KernelConfig.weight_left``: ``y^T = W x^T``, see ``dot_rows``).
 * ``"split"`` (decode): the compact packed tile is loaded once and multiplied field by field
   (one ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching
   strided columns of x, which is tiny and cached).
@@ -69,6 +70,7 @@ class KernelConfig:
     num_stages: int = 3
     variant: str = "tile"  # "tile", "split" / "gemv" (decode) or "dense" (see the module docstring)
     fold_scales: bool = False  # "rows" of an INT4 format, fp16 only: see scaled_dot_rows
+    weight_left: bool = False  # "rows": the decoded weight is the dot's left operand, see dot_rows
 
 
 def next_pow2(x: int) -> int:
@@ -174,6 +176,8 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
         for bn, bk in ((32, 128), (64, 128), (128, 128), (16, 256), (32, 256), (64, 256)):
             if ROWS_MIN_BLOCK_K <= bk <= limits.block_k_max:
                 cands.append(_decode_config(N, K, bk, bn, "rows", device))
+                if bn >= 64 and bk == 128:  # one warpgroup's 64 rows of W: wgmma with W in registers
+                    cands.append(replace(cands[-1], weight_left=True))
         if M <= GEMV_MAX_M:
             # Measured on an H100: narrow row tiles with long K runs stream best.
             for bn in (4, 8, 16):
@@ -205,8 +209,13 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 continue
             cfg = KernelConfig(bm, bn, bk, num_warps=warps, num_stages=stages, variant=variant)
             cands.append(cfg)
-            if fold and variant == "rows":
-                cands.append(replace(cfg, fold_scales=True))
+            if variant == "rows":
+                if fold:
+                    cfg = replace(cfg, fold_scales=True)
+                    cands.append(cfg)
+                # The weight as wgmma's register operand (see dot_rows); with fp16 only with the
+                # scales folded, where the dot accumulates across K tiles and so overlaps decoding.
+                cands.append(replace(cfg, weight_left=True))
         if allow_dense:
             cands.append(replace(first, variant="dense"))
     seen, unique = set(), []
@@ -291,6 +300,8 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
         raise ValueError(f"unknown kernel variant {cfg.variant!r}; allowed: {', '.join(VARIANTS)}")
     if cfg.fold_scales and not (limits.scaled and cfg.variant == "rows"):
         raise ValueError("fold_scales needs the rows variant of a format with group scales (INT4, 2:4+INT4)")
+    if cfg.weight_left and cfg.variant != "rows":
+        raise ValueError(f"weight_left needs the rows variant (got variant={cfg.variant!r})")
     if cfg.variant == "dense":
         return
     if cfg.variant == "gemv":
@@ -318,10 +329,15 @@ def check_fold(cfg: KernelConfig, dtype: torch.dtype):
         raise ValueError(f"fold_scales needs float16 activations, got {dtype}")
 
 
-def fold_argument(cfg: KernelConfig) -> dict:
-    """The ``FOLD_SCALES`` launch argument of the "rows" kernels of INT4 formats (the other
-    variants do not take it)."""
-    return {"FOLD_SCALES": cfg.fold_scales} if cfg.variant == "rows" else {}
+def rows_arguments(cfg: KernelConfig, scaled: bool) -> dict:
+    """The launch arguments only the "rows" kernels take: ``W_LEFT``, and ``FOLD_SCALES`` for the
+    formats with group scales."""
+    if cfg.variant != "rows":
+        return {}
+    args = {"W_LEFT": cfg.weight_left}
+    if scaled:
+        args["FOLD_SCALES"] = cfg.fold_scales
+    return args
 
 
 def check_activation(x: torch.Tensor, k: int, name: str):
@@ -487,26 +503,55 @@ def dot_tile(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def dot_rows(a, w_rows, UPCAST: tl.constexpr):
-    """fp32-accumulated ``a @ w_rows^T`` for a weight tile ``[BLOCK_N, BLOCK_K]`` held row-wise
-    (converted to a's dtype before the transpose, so the layout change moves 16-bit values)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), tl.trans(dot_operand(w_rows, tl.float32)))
-    return tl.dot(a, tl.trans(dot_operand(w_rows, a.dtype)))
+def rows_accumulator(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W_LEFT: tl.constexpr):
+    """The fp32 accumulator of a "rows" kernel: ``[BLOCK_M, BLOCK_N]``, or transposed with
+    ``W_LEFT`` (see :func:`dot_rows`)."""
+    if W_LEFT:
+        return tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
 @triton.jit
-def scaled_dot_rows(acc, a, q_rows, s, FOLD_SCALES: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ (q_rows * s)^T`` for a tile of exact codes ``q_rows [BLOCK_N, BLOCK_K]`` in a's
-    dtype and its rows' group scales ``s [BLOCK_N]`` (fp16). Exact by default: the scale multiplies
-    the tile's fp32 partial product. ``FOLD_SCALES`` (fp16 only) rounds ``q * s`` to fp16 in the
+def rows_result(acc, W_LEFT: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_N]`` output tile of a "rows" accumulator."""
+    if W_LEFT:
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
+def dot_rows(acc, a, w_rows, UPCAST: tl.constexpr, W_LEFT: tl.constexpr):
+    """``acc`` plus the fp32 product of ``a [BLOCK_M, BLOCK_K]`` and a weight tile ``[BLOCK_N,
+    BLOCK_K]`` held row-wise (converted to a's dtype first, so any layout change moves 16-bit
+    values). By default ``acc += a @ w_rows^T``. ``W_LEFT``: ``acc^T += w_rows @ a^T``, the
+    decoded tile as the left operand; on Hopper that is the operand wgmma reads from registers,
+    so the tile skips the round trip through shared memory, and Triton splits the dot along K to
+    decode the next slice while the tensor cores work."""
+    if UPCAST:
+        a = a.to(tl.float32)
+    w = dot_operand(w_rows, a.dtype)
+    if W_LEFT:
+        return tl.dot(w, tl.trans(a), acc)
+    else:
+        return tl.dot(a, tl.trans(w), acc)
+
+
+@triton.jit
+def scaled_dot_rows(acc, a, q_rows, s, FOLD_SCALES: tl.constexpr, UPCAST: tl.constexpr, W_LEFT: tl.constexpr):
+    """:func:`dot_rows` for a tile of exact codes ``q_rows [BLOCK_N, BLOCK_K]`` in a's dtype and
+    its rows' group scales ``s [BLOCK_N]`` (fp16). Exact by default: the scale multiplies the
+    tile's fp32 partial product. ``FOLD_SCALES`` (fp16 only) rounds ``q * s`` to fp16 in the
     tile, as the dense path does, so that the tensor cores accumulate across K tiles with no
     per-tile scaling on the CUDA cores."""
     if FOLD_SCALES:
-        acc += dot_rows(a, q_rows.to(tl.float16) * s[:, None], UPCAST)
+        return dot_rows(acc, a, q_rows.to(tl.float16) * s[:, None], UPCAST, W_LEFT)
+    part = dot_rows(tl.zeros_like(acc), a, q_rows, UPCAST, W_LEFT)
+    if W_LEFT:
+        return acc + part * s.to(tl.float32)[:, None]
     else:
-        acc += dot_rows(a, q_rows, UPCAST) * s.to(tl.float32)[None, :]
-    return acc
+        return acc + part * s.to(tl.float32)[None, :]
 
 
 @triton.jit

@@ -72,7 +72,7 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
         "GROUPSIZE": 128, "EVEN_K": even_k,  # the gemv kernels' (G = 128, as the representative configurations)
-        "FOLD_SCALES": cfg.fold_scales,
+        "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left,
     }
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     if "VALUE_DTYPE" in kernel.arg_names:
@@ -118,8 +118,12 @@ def representative_configs(full: bool, split_block_k: int, scaled: bool, act: st
                 KernelConfig(128, 128, 32, split_k=1, num_warps=8, num_stages=3),  # tile: groups of 32
                 KernelConfig(1, 16, 1024, split_k=4, num_warps=4, num_stages=3, variant="gemv"),
                 KernelConfig(16, 8, 256, split_k=4, num_warps=4, num_stages=3, variant="gemv")]
+        cfgs += [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows", weight_left=True),
+                 KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", weight_left=True)]
         if scaled and act == "fp16":
-            cfgs.append(KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True))
+            cfgs += [KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True),
+                     KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
+                                  weight_left=True)]
         return cfgs
     limits = KernelLimits(128, split_block_k, scaled=scaled)
     cpu = torch.device("cpu")

@@ -21,9 +21,9 @@ import triton.language as tl
 
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
-    fold_argument, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
+    rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
-    unit_scales, gemv_masks,
+    rows_accumulator, rows_result, unit_scales, gemv_masks,
 )
 
 FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
@@ -90,11 +90,11 @@ def _int4_rows_kernel(
     M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    FOLD_SCALES: tl.constexpr,
+    FOLD_SCALES: tl.constexpr, W_LEFT: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_w = tl.arange(0, BLOCK_K // 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = rows_accumulator(BLOCK_M, BLOCK_N, W_LEFT)
     start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
     for t in range(start, end):
         a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
@@ -102,8 +102,8 @@ def _int4_rows_kernel(
                         mask=(offs_n < N)[:, None], other=0)
         q = int4_words_as(words, a.dtype, UPCAST)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
-        acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+        acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST, W_LEFT)
+    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -232,7 +232,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
             m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fold_argument(cfg),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, scaled=True),
         )
         return finish_split_k(ws, y, bias, cfg, x2.dtype)
 

@@ -53,7 +53,11 @@ def main() -> int:
                KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
                KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
                KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows"),
-               KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True)]
+               KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True),
+               KernelConfig(16, 64, 128, split_k=3, variant="rows", weight_left=True),
+               KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", weight_left=True),
+               KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
+                            weight_left=True)]
     tuned_shape, tuned_m = (1000, 1024, 128), (1, 16, 300)
     worst, failures = 0.0, 0
     for n, k, g in (tuned_shape, (4096, 4096, 128), (384, 2048, 64)):

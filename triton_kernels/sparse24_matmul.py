@@ -21,7 +21,8 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    store_weight_rows, program_tile, expand_blocks, dot_rows, spread_sorted_pairs, unpack_fields, gemv_masks,
+    store_weight_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments, rows_result,
+    spread_sorted_pairs, unpack_fields, gemv_masks,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
@@ -178,12 +179,12 @@ def _sparse24_rows_kernel(
     M, N, K, stride_xm, stride_pn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    VALUE_DTYPE: tl.constexpr,
+    VALUE_DTYPE: tl.constexpr, W_LEFT: tl.constexpr,
 ):
     """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half)."""
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_g = tl.arange(0, BLOCK_K // 4)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = rows_accumulator(BLOCK_M, BLOCK_N, W_LEFT)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
@@ -193,8 +194,8 @@ def _sparse24_rows_kernel(
         v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
         v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
         field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-        acc += dot_rows(a, spread_sorted_pairs(v0, v1, field), UPCAST)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+        acc = dot_rows(acc, a, spread_sorted_pairs(v0, v1, field), UPCAST, W_LEFT)
+    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
 _KERNELS = {"tile": _sparse24_tile_kernel, "split": _sparse24_split_kernel, "rows": _sparse24_rows_kernel}
@@ -264,6 +265,7 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
                 VALUE_DTYPE=_VALUE_DTYPES[values.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **rows_arguments(cfg, scaled=False),
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
