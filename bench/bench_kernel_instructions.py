@@ -58,7 +58,8 @@ DECODE_TILES = [("gemv", 1, 16, 1024), ("gemv", 1, 8, 1024), ("gemv", 1, 16, 512
                 ("rows", 16, 128, 128), ("rows-left", 16, 64, 128), ("rows-left", 16, 128, 128)]
 DECODE_WARPS = 4
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages) of the "rows" prefill kernel, 8 warps: the default and the
-# tuner's wider tiles; each with the scales folded into the fp16 tile too, for the INT4 formats.
+# tuner's wider tiles; each with the scales folded into the fp16 tile too, for the INT4 formats, and
+# with the decoded weight as either operand of the dot.
 PREFILL_TILES = [(128, 128, 64, 3), (128, 128, 128, 3), (256, 128, 64, 3), (256, 128, 128, 2)]
 PREFILL_WARPS = 8
 GROUPSIZE = 128

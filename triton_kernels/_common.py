@@ -527,8 +527,9 @@ def dot_rows(acc, a, w_rows, UPCAST: tl.constexpr, W_LEFT: tl.constexpr):
     BLOCK_K]`` held row-wise (converted to a's dtype first, so any layout change moves 16-bit
     values). By default ``acc += a @ w_rows^T``. ``W_LEFT``: ``acc^T += w_rows @ a^T``, the
     decoded tile as the left operand; on Hopper that is the operand wgmma reads from registers,
-    so the tile skips the round trip through shared memory, and Triton splits the dot along K to
-    decode the next slice while the tensor cores work."""
+    so the tile skips the round trip through shared memory, and where ``acc`` carries the sum
+    across K tiles Triton splits the dot along K and decodes the next slice while the tensor
+    cores work."""
     if UPCAST:
         a = a.to(tl.float32)
     w = dot_operand(w_rows, a.dtype)
