@@ -329,13 +329,13 @@ def check_fold(cfg: KernelConfig, dtype: torch.dtype):
         raise ValueError(f"fold_scales needs float16 activations, got {dtype}")
 
 
-def rows_arguments(cfg: KernelConfig, scaled: bool) -> dict:
+def rows_arguments(cfg: KernelConfig, limits: KernelLimits) -> dict:
     """The launch arguments only the "rows" kernels take: ``W_LEFT``, and ``FOLD_SCALES`` for the
     formats with group scales."""
     if cfg.variant != "rows":
         return {}
     args = {"W_LEFT": cfg.weight_left}
-    if scaled:
+    if limits.scaled:
         args["FOLD_SCALES"] = cfg.fold_scales
     return args
 

@@ -232,7 +232,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
             m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, scaled=True),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, limits),
         )
         return finish_split_k(ws, y, bias, cfg, x2.dtype)
 

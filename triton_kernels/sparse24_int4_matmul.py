@@ -234,7 +234,7 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
             groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, scaled=True),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, limits),
         )
         return finish_split_k(ws, y, bias, cfg, x2.dtype)
 

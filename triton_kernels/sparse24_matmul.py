@@ -265,7 +265,7 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
                 VALUE_DTYPE=_VALUE_DTYPES[values.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **rows_arguments(cfg, scaled=False),
+                **rows_arguments(cfg, LIMITS),
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](

@@ -85,10 +85,7 @@ def stored_weight(module, W):
 
 
 def set_weight_matrix(module, W):
-    if Conv1D and isinstance(module, Conv1D):
-        module.weight.data.copy_(W.t())
-    else:
-        module.weight.data.copy_(W)
+    module.weight.data.copy_(stored_weight(module, W))
 
 
 def prunable_linears(layer: nn.Module) -> List[Tuple[str, nn.Module]]:
