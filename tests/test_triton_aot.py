@@ -21,3 +21,24 @@ def test_kernels_compile_for_sm90_and_sm80():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "0 failure(s)" in proc.stdout
     assert proc.stdout.count("gemv") >= 12  # the gemv variants of all three formats, both archs and dtypes
+
+
+def test_int4_gemv_keeps_the_decoded_tile_out_of_shared_memory():
+    # The decoded codes, x and the scales share the words' register layout, so the compiled loop
+    # (sm_90, fp16, 64 x 256 tile) converts no layout: no decoded value is written to shared
+    # memory and read back between barriers. A regression here costs the decode path its speed,
+    # not its accuracy, so no interpreter test would see it.
+    code = (
+        "import re\n"
+        "from pyprune.triton_kernels.aot_check import compile_matmul\n"
+        "from pyprune.triton_kernels.int4_matmul import _int4_gemv_kernel\n"
+        "from pyprune.triton_kernels import KernelConfig\n"
+        "ir = compile_matmul(_int4_gemv_kernel, KernelConfig(1, 64, 256, split_k=4, variant='gemv'), 'fp16', 90)"
+        ".asm['ttgir']\n"
+        "loop = ir[ir.index('scf.for'):ir.index('scf.yield')]\n"
+        "print('conversions in the loop:', loop.count('ttg.convert_layout'))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "conversions in the loop: 0" in proc.stdout, proc.stdout

@@ -143,14 +143,34 @@ def test_gemv_with_a_full_decode_tile(fmt, groupsize):
     check(fmt, 1, 24, 384, groupsize, torch.bfloat16, KernelConfig(1, 8, 256, split_k=1, variant="gemv"))
 
 
+@pytest.mark.parametrize("fmt,groupsize", [("int4", 128), ("int4", -1), ("2:4-int4", 128)])
+def test_gemv_with_wide_row_tiles(fmt, groupsize):
+    # The tuner's INT4 gemv tiles: 64 rows (N = 40 leaves 24 masked), BLOCK_K = 256 read in
+    # group-sized sub-tiles (G = 128: two, each with its own scales; per-channel scales, G = K =
+    # 640: 128-column sub-tiles of one group), K = 640 ending inside the third tile, uneven split.
+    check(fmt, 1, 40, 640, groupsize, torch.float16, KernelConfig(1, 64, 256, split_k=2, variant="gemv"))
+    check(fmt, 2, 40, 640, groupsize, torch.bfloat16, KernelConfig(2, 64, 256, split_k=1, variant="gemv"))
+
+
 @pytest.mark.parametrize("m", [5, 8, 16])
 def test_tuner_offers_gemv_up_to_the_decode_bound(m):
-    limits = int4_limits(128)
-    cands = candidate_configs(m, 4096, 4096, limits, torch.device("cpu"), allow_dense=False)
+    cands = candidate_configs(m, 4096, 4096, SPARSE24_LIMITS, torch.device("cpu"), allow_dense=False)
     gemv = [c for c in cands if c.variant == "gemv"]
     assert gemv and all(c.block_k <= 512 and c.block_m >= m for c in gemv)
     for c in gemv:
-        check_config(c, limits, m)
+        check_config(c, SPARSE24_LIMITS, m)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 16])
+def test_tuner_offers_the_int4_gemv_with_wide_row_tiles_up_to_two_rows(m):
+    # Above M = 2 the tensor-core kernels decode INT4 in fewer instructions per weight.
+    limits = int4_limits(128)
+    cands = candidate_configs(m, 4096, 4096, limits, torch.device("cpu"), allow_dense=False)
+    gemv = [c for c in cands[1:] if c.variant == "gemv"]  # cands[0]: the interpreter's small default
+    if m > 2:
+        assert not gemv
+    else:
+        assert gemv and all(c.block_n >= 64 and c.block_k <= 512 for c in gemv)
 
 
 def test_tuner_offers_folded_scales_only_where_allowed():

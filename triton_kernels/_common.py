@@ -21,11 +21,11 @@ Variants (``KernelConfig.variant``):
 * ``"split"`` (decode): the compact packed tile is loaded once and multiplied field by field
   (one ``tl.dot`` per 4-bit field, or per position in the group of 4, against the matching
   strided columns of x, which is tiny and cached).
-* ``"gemv"`` (decode; the default at M <= 2, a tuner candidate up to M = 16): no tensor cores, no
-  padding of M to 16; each program streams ``[BLOCK_N, BLOCK_K]`` of the packed weight along K
-  (contiguous per row; a tile may span several quantization groups), decodes it once in fp32
-  (4-bit codes through the float mantissa, no int-to-float conversion), fetches the matching
-  entries of x (tiny, cached) and reduces over K for every row of x.
+* ``"gemv"`` (decode; the default at M <= 2, a tuner candidate up to ``KernelLimits.gemv_max_m``):
+  no tensor cores, no padding of M to 16; each program streams ``[BLOCK_N, BLOCK_K]`` of the
+  packed weight along K (contiguous per row; a tile may span several quantization groups),
+  decodes it once in fp32 (4-bit codes through the float mantissa, no int-to-float conversion),
+  fetches the matching entries of x (tiny, cached) and reduces over K for every row of x.
 * ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is rebuilt in registers, each packed
   word fetched by every lane that needs one of its fields. Slower than ``rows`` on an H100 but it
   takes any ``BLOCK_K``: the kernel for groups of 32.
@@ -115,6 +115,13 @@ class KernelLimits:
     block_k_max: int
     split_block_k: int
     scaled: bool = False  # the format has group scales (INT4 formats)
+    # The "gemv" variant's tuning candidates: row tiles, K tiles (the first pair is the default at
+    # M <= 2) and the largest M offered. Narrow row tiles with long K runs stream best for the 2:4
+    # formats (measured on an H100); the INT4 kernel reads each row's words of a group as one
+    # vector per thread, so it needs wide row tiles to spread over the threads.
+    gemv_block_n: tuple = (16, 8, 4)
+    gemv_block_k: tuple = (1024, 512, 2048)
+    gemv_max_m: int = DECODE_MAX_M
 
     @property
     def split_ok(self) -> bool:
@@ -153,7 +160,7 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
             return KernelConfig(16, 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant=variant)
         return KernelConfig(32, 32, min(32, limits.block_k_max), split_k=1, num_warps=4, num_stages=1)
     if M <= 2:
-        return _gemv_config(M, N, K, 1024, 16, device)
+        return _gemv_config(M, N, K, limits.gemv_block_k[0], limits.gemv_block_n[0], device)
     if M <= DECODE_MAX_M:
         bk = min(256, limits.block_k_max)
         return _decode_config(N, K, bk, 64, _unpacking_variant(bk), device)
@@ -178,15 +185,14 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 cands.append(_decode_config(N, K, bk, bn, "rows", device))
                 if bn >= 64 and bk == 128:  # one warpgroup's 64 rows of W: wgmma with W in registers
                     cands.append(replace(cands[-1], weight_left=True))
-        if M <= GEMV_MAX_M:
-            # Measured on an H100: narrow row tiles with long K runs stream best.
-            for bn in (4, 8, 16):
-                for bk in (512, 1024, 2048):
+        if M <= min(GEMV_MAX_M, limits.gemv_max_m):
+            for bn in limits.gemv_block_n:
+                for bk in limits.gemv_block_k:
                     for waves in (8, 1):
                         cands.append(_gemv_config(M, N, K, bk, bn, device, waves=waves))
-        else:
+        elif M <= limits.gemv_max_m:
             # More rows of x: shorter tiles, so that the per-row partial sums stay in registers.
-            for bn in (4, 8, 16):
+            for bn in limits.gemv_block_n:
                 for bk in (256, 512):
                     cands.append(_gemv_config(M, N, K, bk, bn, device))
     else:

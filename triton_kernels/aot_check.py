@@ -22,11 +22,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from ._common import KernelConfig, _splitk_reduce_kernel, expand_blocks  # noqa: E402
-from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel, _int4_gemv_kernel  # noqa: E402
+from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel, _int4_gemv_kernel, int4_limits  # noqa: E402
 from .sparse24_int4_matmul import (  # noqa: E402
     _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel, _sparse24_int4_gemv_kernel,
+    sparse24_int4_limits,
 )
-from .sparse24_matmul import _KERNELS as SPARSE24_KERNELS, _sparse24_dense_kernel, _sparse24_gemv_kernel  # noqa: E402
+from .sparse24_matmul import (  # noqa: E402
+    _KERNELS as SPARSE24_KERNELS, LIMITS as SPARSE24_LIMITS, _sparse24_dense_kernel, _sparse24_gemv_kernel,
+)
 
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
@@ -72,6 +75,7 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
         "GROUPSIZE": 128, "EVEN_K": even_k,  # the gemv kernels' (G = 128, as the representative configurations)
+        "SUB_K": min(128, cfg.block_k),
         "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left,
     }
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
@@ -101,14 +105,15 @@ def resource_usage(compiled) -> str:
     return f"regs={m.group(1)} stack={m.group(2)} local={m.group(3)}" if m else "regs=?"
 
 
-def representative_configs(full: bool, split_block_k: int, scaled: bool, act: str):
+def representative_configs(full: bool, limits, act: str):
     """The heuristic defaults of both paths (G = 128) and a wide prefill tile, and with ``full``
-    every tuning candidate (at M = 1, 4, 16 and 2048) for a format with (``scaled``) or without
-    group scales and activations ``act``."""
+    every tuning candidate (at M = 1, 4, 16 and 2048) for a format of these ``limits`` and
+    activations ``act``."""
     import torch
 
-    from ._common import KernelLimits, candidate_configs
+    from ._common import candidate_configs
 
+    scaled = limits.scaled
     if not full:
         cfgs = [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="split"),
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="tile"),
@@ -116,8 +121,9 @@ def representative_configs(full: bool, split_block_k: int, scaled: bool, act: st
                 KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="rows"),
                 KernelConfig(256, 128, 128, split_k=1, num_warps=8, num_stages=2, variant="rows"),
                 KernelConfig(128, 128, 32, split_k=1, num_warps=8, num_stages=3),  # tile: groups of 32
-                KernelConfig(1, 16, 1024, split_k=4, num_warps=4, num_stages=3, variant="gemv"),
-                KernelConfig(16, 8, 256, split_k=4, num_warps=4, num_stages=3, variant="gemv")]
+                KernelConfig(1, limits.gemv_block_n[0], limits.gemv_block_k[0], split_k=4, variant="gemv")]
+        if limits.gemv_max_m >= 16:
+            cfgs.append(KernelConfig(16, 8, 256, split_k=4, num_warps=4, num_stages=3, variant="gemv"))
         cfgs += [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows", weight_left=True),
                  KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", weight_left=True)]
         if scaled and act == "fp16":
@@ -125,7 +131,6 @@ def representative_configs(full: bool, split_block_k: int, scaled: bool, act: st
                      KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
                                   weight_left=True)]
         return cfgs
-    limits = KernelLimits(128, split_block_k, scaled=scaled)
     cpu = torch.device("cpu")
     cfgs = [c for m in (1, 4, 16, 2048) for c in candidate_configs(m, 4096, 4096, limits, cpu, act == "fp16")]
     return [c for c in dict.fromkeys(cfgs) if c.variant != "dense"]  # dense is cuBLAS
@@ -137,13 +142,13 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="every tuning candidate, not just the defaults")
     args = ap.parse_args(argv)
     failures = 0
-    kernels = [("2:4", dict(SPARSE24_KERNELS, gemv=_sparse24_gemv_kernel), 64, False),
-               ("int4", dict(INT4_KERNELS, gemv=_int4_gemv_kernel), 128, True),
-               ("2:4-int4", dict(SPARSE24_INT4_KERNELS, gemv=_sparse24_int4_gemv_kernel), 64, True)]
+    kernels = [("2:4", dict(SPARSE24_KERNELS, gemv=_sparse24_gemv_kernel), SPARSE24_LIMITS),
+               ("int4", dict(INT4_KERNELS, gemv=_int4_gemv_kernel), int4_limits(128)),
+               ("2:4-int4", dict(SPARSE24_INT4_KERNELS, gemv=_sparse24_int4_gemv_kernel), sparse24_int4_limits(128))]
     for arch in args.arch:
-        for name, by_variant, split_block_k, scaled in kernels:
+        for name, by_variant, limits in kernels:
             for act in ("fp16", "bf16"):
-                cases = [(cfg, True) for cfg in representative_configs(args.all, split_block_k, scaled, act)]
+                cases = [(cfg, True) for cfg in representative_configs(args.all, limits, act)]
                 cases += [(cfg, False) for cfg, _ in cases if cfg.variant == "gemv"]  # a tile past K's end
                 for cfg, even_k in cases:
                     kernel = by_variant[cfg.variant]

@@ -11,9 +11,9 @@ decodes them to the ``[BLOCK_N, BLOCK_K]`` code tile in registers (two codes per
 ``int4_word_fields``) and does one dot; ``tile``
 rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split`` (decode, needs G >= 128) loads the
 ``[BLOCK_K/8, BLOCK_N]`` words once and does one dot per field i against x's columns ``8j + i``;
-``gemv`` (decode, M <= 16) loads ``[BLOCK_N, BLOCK_K/8]`` words (each row's run along K is
-contiguous), decodes them field by field and multiplies each field with x's columns ``8j + i``
-(every row of x) on the CUDA cores, each word weighted by its group's scale.
+``gemv`` (decode, offered by the tuner up to M = 2) loads ``[BLOCK_N, G/8]`` words per group
+(each row's run along K is contiguous), decodes them field by field and multiplies each field
+with x's columns ``8j + i`` (every row of x) on the CUDA cores, then applies the group's scale.
 """
 import torch
 import triton
@@ -23,7 +23,7 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
-    rows_accumulator, rows_result, unit_scales, gemv_masks,
+    rows_accumulator, rows_result, gemv_masks,
 )
 
 FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
@@ -110,49 +110,56 @@ def _int4_rows_kernel(
 def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_qn, stride_sg, magic,
-    GROUPSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUPSIZE: tl.constexpr, SUB_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Decode on the CUDA cores, counted in instructions per weight (the limit at M = 1).
 
     Field i of a word is read in place, not shifted down: ``(word & 0xF << 4i) | 2^23`` as a
     float is ``2^23 + nib * 16^i`` exactly, so one AND-OR (a single LOP3, with ``magic`` = the
-    bits of 2^23 passed at run time so that it sits in a register) and one subtraction give
-    ``nib * 16^i``; x's column is scaled by ``16^-i`` instead (exact, and shared by every row of
-    the tile). The mantissa has 23 bits, so fields 0-4 (bits 0-19) are read from the word and
-    fields 5-7 from the word shifted down by 12 (one shift per word). The offset ``-8`` of the
-    codes is ``-8 * sum(x)`` per word, also shared by the rows.
+    bits of 2^23 passed at run time so that it sits in a register) and one subtraction of
+    ``2^23 + 8 * 16^i`` give the code (offset removed) times ``16^i``; x's column is scaled by
+    ``16^-i`` instead (exact, and shared by every row of the tile). The mantissa has 23 bits, so
+    fields 0-4 (bits 0-19) are read from the word and fields 5-7 from the word shifted down by 12
+    (one shift per word).
+
+    The K tile is taken in sub-tiles of ``SUB_K`` columns (a power of two dividing G, so each
+    lies in one quantization group), each loaded as ``[BLOCK_N, SUB_K / 8]`` words with one
+    scale per row. Every tensor of the loop is that tile or a broadcast of it, so the compiler
+    keeps them all in the layout of the words' vector load: no decoded value goes through
+    shared memory.
     """
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
+    WORDS: tl.constexpr = SUB_K // 8
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    total = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    offs_w = tl.arange(0, WORDS)
+    total = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
-        word = t * (BLOCK_K // 8) + offs_w
-        mask, x_mask = gemv_masks(offs_m, offs_n, word, M, N, K // 8, EVEN_K)
-        words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + word[None, :], mask=mask, other=0)
-        high = words >> 12
-        s = unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE, BLOCK_K, 8)  # each word's scale
-        # part[m, n, j]: row m of x against the 8 codes of word j of row n. Each field is decoded
-        # once and used for every row of x.
-        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, BLOCK_K // 8), dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word * 8 + i)[None, :], mask=x_mask, other=0.0)
-            xi = xi.to(tl.float32)
-            x_sum += xi
-            if i < 5:
-                source, shift = words, 4 * i
-            else:
-                source, shift = high, 4 * i - 12
-            raw = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True) - 8388608.0
-            part += raw[None, :, :] * (xi * (1.0 / (1 << shift)))[:, None, :]
-        part -= 8.0 * x_sum[:, None, :]
-        # Reduced over the words once, after the loop: no cross-lane sums per tile.
-        total += part * s[None, :, :]
+        for sub in tl.static_range(BLOCK_K // SUB_K):
+            col = t * BLOCK_K + sub * SUB_K
+            word = col // 8 + offs_w
+            mask, x_mask = gemv_masks(offs_m, offs_n, word, M, N, K // 8, EVEN_K)
+            words = tl.load(qw_ptr + offs_n[None, :, None] * stride_qn + word[None, None, :],
+                            mask=mask[None, :, :], other=0)
+            high = words >> 12
+            s = tl.load(s_ptr + (col // GROUPSIZE) * stride_sg + offs_n, mask=(offs_n < N) & (col < K), other=0.0)
+            # part[m, n, j]: row m of x against the 8 codes of word j of row n. Each field is
+            # decoded once and used for every row of x.
+            part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + (word * 8 + i)[None, None, :],
+                             mask=x_mask[:, None, :], other=0.0)
+                if i < 5:
+                    source, shift = words, 4 * i
+                else:
+                    source, shift = high, 4 * i - 12
+                code = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << shift))
+                part += code * (xi.to(tl.float32) * (1.0 / (1 << shift)))
+            total += part * s.to(tl.float32)[None, :, None]
+    # Reduced over the words once, after the loop: no cross-lane sums per tile.
     acc = tl.sum(total, axis=2)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
@@ -185,7 +192,10 @@ def _check_packed(qweight, scales, groupsize):
 
 
 def int4_limits(groupsize: int) -> KernelLimits:
-    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=128, scaled=True)
+    # gemv: BLOCK_K 1024 spills registers (bench/bench_kernel_instructions.py); above M = 2 the
+    # tensor-core kernels take fewer instructions per weight.
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=128, scaled=True,
+                        gemv_block_n=(256, 128, 64), gemv_block_k=(512, 256), gemv_max_m=2)
 
 
 def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
@@ -222,7 +232,8 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
             _int4_gemv_kernel[grid](
                 x2, qweight, scales, bias if bias is not None else y, y, ws,
                 m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), FLOAT_2_23_BITS,
-                GROUPSIZE=groupsize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUPSIZE=groupsize, SUB_K=pow2_divisor(groupsize, cfg.block_k), BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
