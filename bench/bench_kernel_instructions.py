@@ -4,7 +4,9 @@ output for an H100 (sm_90), without a GPU.
 Decode (M <= 16): at M = 1 the gemv kernels are limited by instructions, not bytes. An H100
 issues about 3.3e13 thread instructions per second, so streaming INT4 at 3 TB/s (6e12 weights/s)
 leaves about 5.5 instructions per weight. Reported: instructions per stored weight (one INT4
-code, or one kept value of a 2:4 format) and int-to-float conversions (``I2F``, quarter rate).
+code, or one kept value of a 2:4 format), int-to-float conversions (``I2F``, quarter rate),
+barriers per iteration (``BAR``: each one is a layout conversion through shared memory, which
+stalls the warps that could otherwise keep loads in flight) and register spills.
 
 Prefill (tensor cores, M >= 64): each program decodes a ``BLOCK_N x BLOCK_K`` weight tile and
 multiplies it with ``BLOCK_M`` rows of x. Reported: the loop's warp-instructions over the 4
@@ -46,16 +48,14 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 
-KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of K)
-    "int4": ("int4_matmul", "_int4_gemv_kernel", 1.0),
-    "2:4": ("sparse24_matmul", "_sparse24_gemv_kernel", 0.5),
-    "2:4-int4": ("sparse24_int4_matmul", "_sparse24_int4_gemv_kernel", 0.5),
+KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of K, its KernelLimits at G = 128)
+    "int4": ("int4_matmul", "_int4_gemv_kernel", 1.0, "int4_limits"),
+    "2:4": ("sparse24_matmul", "_sparse24_gemv_kernel", 0.5, "LIMITS"),
+    "2:4-int4": ("sparse24_int4_matmul", "_sparse24_int4_gemv_kernel", 0.5, "sparse24_int4_limits"),
 }
-# (variant, BLOCK_M, BLOCK_N, BLOCK_K): the gemv default at M = 1, narrower tiles, the M = 4 / 16
-# candidates, and the tensor-core decode kernels at M = 16 (4 warps).
-DECODE_TILES = [("gemv", 1, 16, 1024), ("gemv", 1, 8, 1024), ("gemv", 1, 16, 512), ("gemv", 4, 16, 512),
-                ("gemv", 4, 8, 512), ("gemv", 16, 8, 256), ("split", 16, 64, 128), ("rows", 16, 64, 128),
-                ("rows", 16, 128, 128), ("rows-left", 16, 64, 128), ("rows-left", 16, 128, 128)]
+# The tensor-core decode kernels at M = 16 (variant, BLOCK_M, BLOCK_N, BLOCK_K; 4 warps).
+TENSOR_CORE_DECODE_TILES = [("split", 16, 64, 128), ("rows", 16, 64, 128), ("rows", 16, 128, 128),
+                            ("rows-left", 16, 64, 128), ("rows-left", 16, 128, 128)]
 DECODE_WARPS = 4
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages) of the "rows" prefill kernel, 8 warps: the default and the
 # tuner's wider tiles; each with the scales folded into the fp16 tile too, for the INT4 formats, and
@@ -127,26 +127,43 @@ def main_loop_ops(compiled) -> collections.Counter:
     return collections.Counter(op for addr, op, _ in code if loop[0] <= addr <= loop[1])
 
 
+def decode_tiles(limits):
+    """The format's gemv tuning tiles (M = 1: every row tile with the two first K tiles; M = 4
+    and 16 where the tuner offers them), then the tensor-core decode kernels."""
+    tiles = [("gemv", 1, bn, bk) for bn in limits.gemv_block_n for bk in limits.gemv_block_k[:2]]
+    if limits.gemv_max_m >= 4:
+        tiles += [("gemv", 4, bn, 512) for bn in limits.gemv_block_n[:2]]
+    if limits.gemv_max_m >= 16:
+        tiles.append(("gemv", 16, 8, 256))
+    return tiles + TENSOR_CORE_DECODE_TILES
+
+
+def format_limits(module, limits_name):
+    limits = getattr(module, limits_name)
+    return limits(GROUPSIZE) if callable(limits) else limits
+
+
 def measure_decode():
     rows = []
-    for fmt, (module, name, stored) in KERNELS.items():
+    for fmt, (module, name, stored, limits_name) in KERNELS.items():
         kernels = importlib.import_module(f"pyprune.triton_kernels.{module}")
-        for variant, bm, bn, bk in DECODE_TILES:
+        for variant, bm, bn, bk in decode_tiles(format_limits(kernels, limits_name)):
             kernel = getattr(kernels, name) if variant == "gemv" else kernels._KERNELS[variant.split("-")[0]]
             ops = main_loop_ops(compile_kernel(kernel, bm, bn, bk, DECODE_WARPS, weight_left=variant == "rows-left"))
             weights = bn * bk * stored / (32 * DECODE_WARPS)
             total = sum(ops.values())
             rows.append({"format": fmt, "variant": variant, "block_m": bm, "block_n": bn, "block_k": bk,
                          "instructions": total, "per_stored_weight": total / weights,
-                         "i2f_per_stored_weight": ops["I2F"] / weights, "top": ops.most_common(8)})
+                         "i2f_per_stored_weight": ops["I2F"] / weights, "barriers": ops["BAR"],
+                         "spill_instructions": ops["LDL"] + ops["STL"], "top": ops.most_common(8)})
             print(f"{fmt:8s} {variant:5s} M-tile {bm:2d} BN {bn:3d} BK {bk:4d}: {total / weights:6.2f} per stored "
-                  f"weight (I2F {ops['I2F'] / weights:.2f})", flush=True)
+                  f"weight (I2F {ops['I2F'] / weights:.2f}, BAR {ops['BAR']})", flush=True)
     return rows
 
 
 def measure_prefill():
     rows = []
-    for fmt, (module, _, _) in KERNELS.items():
+    for fmt, (module, *_) in KERNELS.items():
         kernels = importlib.import_module(f"pyprune.triton_kernels.{module}")
         kernel = kernels._KERNELS["rows"]
         folds = (False, True) if "FOLD_SCALES" in kernel.arg_names else (False,)
@@ -186,12 +203,13 @@ def main():
              f"(no GPU needed). fp16 activations, G = {GROUPSIZE}." + (f" Kernels of: {args.tag}." if args.tag else ""),
              "", f"## Decode ({DECODE_WARPS} warps): per stored weight (one INT4 code, or one kept value of a 2:4 format)",
              "", "| format | variant | BLOCK_M | BLOCK_N | BLOCK_K | instructions / iteration / thread | "
-             "per stored weight | of which I2F | most frequent |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "per stored weight | of which I2F | barriers / iteration | spill loads + stores | most frequent |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in decode:
         top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
         lines.append(f"| {r['format']} | {r['variant']} | {r['block_m']} | {r['block_n']} | {r['block_k']} | "
-                     f"{r['instructions']} | {r['per_stored_weight']:.2f} | {r['i2f_per_stored_weight']:.2f} | {top} |")
+                     f"{r['instructions']} | {r['per_stored_weight']:.2f} | {r['i2f_per_stored_weight']:.2f} | "
+                     f"{r['barriers']} | {r['spill_instructions']} | {top} |")
     lines += ["", f"## Prefill, rows kernel ({PREFILL_WARPS} warps): issue cycles per tensor-core cycle",
               "", f"Warp-instructions of one iteration over {SCHEDULERS} schedulers, divided by the cycles of its "
               f"BLOCK_M x BLOCK_N x BLOCK_K multiply-adds at {TENSOR_FMA_PER_CYCLE} per cycle per SM (dense fp16 "
