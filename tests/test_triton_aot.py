@@ -29,7 +29,6 @@ def test_int4_gemv_keeps_the_decoded_tile_out_of_shared_memory():
     # memory and read back between barriers. A regression here costs the decode path its speed,
     # not its accuracy, so no interpreter test would see it.
     code = (
-        "import re\n"
         "from pyprune.triton_kernels.aot_check import compile_matmul\n"
         "from pyprune.triton_kernels.int4_matmul import _int4_gemv_kernel\n"
         "from pyprune.triton_kernels import KernelConfig\n"

@@ -156,7 +156,8 @@ def _int4_gemv_kernel(
                     source, shift = words, 4 * i
                 else:
                     source, shift = high, 4 * i - 12
-                code = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << shift))
+                code = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
+                code -= 8388608.0 + 8.0 * (1 << shift)
                 part += code * (xi.to(tl.float32) * (1.0 / (1 << shift)))
             total += part * s.to(tl.float32)[None, :, None]
     # Reduced over the words once, after the loop: no cross-lane sums per tile.
