@@ -328,10 +328,15 @@ def _check_inputs_before_loading(args, target, needs_calibration, calib):
     _scale_tuning(args)  # refuses bad settings before the model loads
 
 
-def _scale_tuning(args):
-    """The ``ScaleTuning`` that ``--tune-scales`` asks for (None when off)."""
+def _scale_tuning_excluded(args) -> bool:
+    """Scale tuning cannot run with --int4-teacher or in a distributed run."""
     from pyprune.pipeline.distributed import world_size_from_env
 
+    return bool(args.int4_teacher) or world_size_from_env() > 1
+
+
+def _scale_tuning(args):
+    """The ``ScaleTuning`` that ``--tune-scales`` asks for (None when off)."""
     if args.tune_scales_lr is not None and not args.tune_scales:
         raise ValueError(f"--tune-scales-lr {args.tune_scales_lr}: scale tuning is off in this run (it needs "
                          "--wbits 4, --quant-method gptq and --tune-scales of at least 1)")
@@ -342,7 +347,7 @@ def _scale_tuning(args):
     if not (args.wbits == 4 and args.quant_method == "gptq"):
         raise ValueError("--tune-scales tunes INT4 scales on calibration data: it needs --wbits 4 and "
                          "--quant-method gptq")
-    if args.int4_teacher or world_size_from_env() > 1:
+    if _scale_tuning_excluded(args):
         raise ValueError("--tune-scales cannot be used with --int4-teacher or in a distributed run")
     lr = ScaleTuning.lr if args.tune_scales_lr is None else args.tune_scales_lr
     return ScaleTuning(epochs=args.tune_scales, lr=lr)
@@ -470,10 +475,7 @@ def cmd_prune(args):
     if args.refine_rounds is None:
         args.refine_rounds = int4_refine.DEFAULT_ROUNDS if gptq else 0
     if args.tune_scales is None:  # on wherever it can run (README: block-wise scale tuning)
-        from pyprune.pipeline.distributed import world_size_from_env
-
-        distributed_run = world_size_from_env() > 1
-        args.tune_scales = DEFAULT_TUNE_EPOCHS if gptq and not (args.int4_teacher or distributed_run) else 0
+        args.tune_scales = DEFAULT_TUNE_EPOCHS if gptq and not _scale_tuning_excluded(args) else 0
     if args.quant_damp is not None:
         if not gptq:
             raise ValueError("--quant-damp is GPTQ's dampening; it needs --wbits 4 and --quant-method gptq")
