@@ -23,16 +23,18 @@ def test_kernels_compile_for_sm90_and_sm80():
     assert proc.stdout.count("gemv") >= 12  # the gemv variants of all three formats, both archs and dtypes
 
 
-def test_int4_gemv_keeps_the_decoded_tile_out_of_shared_memory():
-    # The decoded codes, x and the scales share the words' register layout, so the compiled loop
-    # (sm_90, fp16, 64 x 256 tile) converts no layout: no decoded value is written to shared
+@pytest.mark.parametrize("module,kernel,tile", [("int4_matmul", "_int4_gemv_kernel", (64, 256)),
+                                                ("sparse24_int4_matmul", "_sparse24_int4_gemv_kernel", (512, 128))])
+def test_gemv_keeps_the_decoded_tile_out_of_shared_memory(module, kernel, tile):
+    # The decoded codes, x, the metadata and the scales share one register layout, so the
+    # compiled loop (sm_90, fp16) converts no layout: no decoded value is written to shared
     # memory and read back between barriers. A regression here costs the decode path its speed,
     # not its accuracy, so no interpreter test would see it.
     code = (
         "from pyprune.triton_kernels.aot_check import compile_matmul\n"
-        "from pyprune.triton_kernels.int4_matmul import _int4_gemv_kernel\n"
+        f"from pyprune.triton_kernels.{module} import {kernel}\n"
         "from pyprune.triton_kernels import KernelConfig\n"
-        "ir = compile_matmul(_int4_gemv_kernel, KernelConfig(1, 64, 256, split_k=4, variant='gemv'), 'fp16', 90)"
+        f"ir = compile_matmul({kernel}, KernelConfig(1, {tile[0]}, {tile[1]}, split_k=4, variant='gemv'), 'fp16', 90)"
         ".asm['ttgir']\n"
         "loop = ir[ir.index('scf.for'):ir.index('scf.yield')]\n"
         "print('conversions in the loop:', loop.count('ttg.convert_layout'))\n"

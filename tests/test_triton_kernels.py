@@ -13,6 +13,7 @@ from pyprune.triton_kernels import (
 )
 from pyprune.triton_kernels._common import candidate_configs, check_config
 from pyprune.triton_kernels.int4_matmul import int4_limits
+from pyprune.triton_kernels.sparse24_int4_matmul import sparse24_int4_limits
 from pyprune.triton_kernels.sparse24_matmul import LIMITS as SPARSE24_LIMITS
 
 pytestmark = pytest.mark.skipif(
@@ -109,20 +110,23 @@ def test_rows_with_scales_folded_into_the_fp16_tile(fmt, config):
     assert float((y - rounded).norm() / rounded.norm()) < 2e-4
 
 
-def test_rows_spread_groups_padded_with_free_positions():
+@pytest.mark.parametrize("cfg", [KernelConfig(16, 16, 64, group_m=2, variant="rows"),
+                                 KernelConfig(1, 16, 64, split_k=2, variant="gemv")], ids=["rows", "gemv"])
+def test_spread_groups_padded_with_free_positions(cfg):
     # Groups with 0 or 1 nonzeros store zeros at the lowest free positions: every (i0, i1) pair
-    # the packer writes, through the row-wise spread of both 2:4 formats.
+    # the packer writes, through the row-wise spread of both 2:4 formats and through the
+    # 2:4 + INT4 gemv's selects of x's columns.
     w = prune_2of4(torch.randn(24, 256))
     w[:, 0:4] = torch.tensor([0.0, 0.0, 0.0, 0.0])
     w[:, 4:8] = w[:, 4:8] * torch.tensor([0.0, 0.0, 0.0, 1.0])
     w[:, 8:12] = w[:, 8:12] * torch.tensor([1.0, 0.0, 0.0, 0.0])
     w[:, 12:16] = w[:, 12:16] * torch.tensor([0.0, 1.0, 0.0, 0.0])
-    x = torch.randn(9, 256).half()
-    cfg = KernelConfig(16, 16, 64, group_m=2, variant="rows")
-    p = pack_sparse24(w.half())
-    ref = (x.float() @ p.dense().t()).half().float()
-    y = sparse24_matmul(x, p.values, p.meta, config=cfg).float()
-    assert float((y - ref).norm() / ref.norm()) < 1e-3
+    x = torch.randn(cfg.block_m if cfg.variant == "gemv" else 9, 256).half()
+    if cfg.variant == "rows":
+        p = pack_sparse24(w.half())
+        ref = (x.float() @ p.dense().t()).half().float()
+        y = sparse24_matmul(x, p.values, p.meta, config=cfg).float()
+        assert float((y - ref).norm() / ref.norm()) < 1e-3
     q = quantize_sparse24_int4(w, 64)
     ref = (x.float() @ q.dense().t()).half().float()
     y = sparse24_int4_matmul(x, q.qvalues, q.meta, q.scales, 64, config=cfg).float()
@@ -162,9 +166,9 @@ def test_tuner_offers_gemv_up_to_the_decode_bound(m):
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 16])
-def test_tuner_offers_the_int4_gemv_with_wide_row_tiles_up_to_two_rows(m):
-    # Above M = 2 the tensor-core kernels decode INT4 in fewer instructions per weight.
-    limits = int4_limits(128)
+@pytest.mark.parametrize("limits", [int4_limits(128), sparse24_int4_limits(128)], ids=["int4", "2:4-int4"])
+def test_tuner_offers_the_int4_gemv_with_wide_row_tiles_up_to_two_rows(limits, m):
+    # Above M = 2 the tensor-core kernels decode INT4 codes in fewer instructions per weight.
     cands = candidate_configs(m, 4096, 4096, limits, torch.device("cpu"), allow_dense=False)
     gemv = [c for c in cands[1:] if c.variant == "gemv"]  # cands[0]: the interpreter's small default
     if m > 2:

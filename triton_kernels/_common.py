@@ -437,6 +437,9 @@ def load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K):
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
+FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
+
+
 @triton.jit
 def nibble_value(nib):
     """A 4-bit code (int32 0..15, offset binary) as the float32 ``nib - 8``, exactly: the nibble
@@ -456,23 +459,6 @@ def gemv_masks(offs_m, offs_n, unit, M, N, units_in_k, EVEN_K: tl.constexpr):
         mask = mask & inside
         x_mask = x_mask & inside
     return mask, x_mask
-
-
-@triton.jit
-def unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-                UNIT: tl.constexpr):
-    """For the gemv kernels: the quantization scale of every run of ``UNIT`` columns (a packed
-    word, a 2:4 group) in K tile ``t``, fp32 ``[BLOCK_N, BLOCK_K / UNIT]``; ``scales [K/G, N]``.
-    Each scale is loaded once and repeated in registers (no per-unit gather)."""
-    if BLOCK_K >= GROUPSIZE:
-        group = t * (BLOCK_K // GROUPSIZE) + tl.arange(0, BLOCK_K // GROUPSIZE)
-        mask = (offs_n < N)[:, None] & (group < K // GROUPSIZE)[None, :]
-        s = tl.load(s_ptr + group[None, :] * stride_sg + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
-        s = tl.broadcast_to(s[:, :, None], (s.shape[0], BLOCK_K // GROUPSIZE, GROUPSIZE // UNIT))
-    else:  # the tile lies in one quantization group
-        s = tl.load(s_ptr + ((t * BLOCK_K) // GROUPSIZE) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
-        s = tl.broadcast_to(s.to(tl.float32)[:, None], (s.shape[0], BLOCK_K // UNIT))
-    return tl.reshape(s, (s.shape[0], BLOCK_K // UNIT))
 
 
 @triton.jit

@@ -35,7 +35,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
 
 def _matmul_signature(kernel, act: str, value: str):
-    ints = {"M", "N", "K", "tiles_per_group", "magic"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    ints = {"M", "N", "K", "tiles_per_group", "magic", "one"} | {n for n in kernel.arg_names if n.startswith("stride")}
     sig = {}
     for name in kernel.arg_names:
         if name in ints:
@@ -50,8 +50,6 @@ def _matmul_signature(kernel, act: str, value: str):
             sig[name] = f"*{value}"
         elif name == "s_ptr":
             sig[name] = "*fp16"
-        elif name == "qb_ptr":  # 2:4+INT4 gemv: the codes read as bytes
-            sig[name] = "*u8"
         elif name.endswith("_ptr"):
             sig[name] = "*i32"
         else:
@@ -74,7 +72,9 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
     consts = {
         "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
         "SPLIT_K": cfg.split_k, "GROUP_M": cfg.group_m, "HAS_BIAS": False, "UPCAST": False,
-        "GROUPSIZE": 128, "EVEN_K": even_k,  # the gemv kernels' (G = 128, as the representative configurations)
+        # The gemv kernels' (G = 128, as the representative configurations; a ragged case is
+        # ragged in both K and N).
+        "GROUPSIZE": 128, "EVEN_K": even_k, "EVEN_N": even_k,
         "SUB_K": min(128, cfg.block_k),
         "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left,
     }
@@ -149,10 +149,10 @@ def main(argv=None):
         for name, by_variant, limits in kernels:
             for act in ("fp16", "bf16"):
                 cases = [(cfg, True) for cfg in representative_configs(args.all, limits, act)]
-                cases += [(cfg, False) for cfg, _ in cases if cfg.variant == "gemv"]  # a tile past K's end
+                cases += [(cfg, False) for cfg, _ in cases if cfg.variant == "gemv"]  # tiles past K's and N's ends
                 for cfg, even_k in cases:
                     kernel = by_variant[cfg.variant]
-                    tag = f"sm_{arch} {name:8s} {act} {cfg}" + ("" if even_k else " K not a multiple of BLOCK_K")
+                    tag = f"sm_{arch} {name:8s} {act} {cfg}" + ("" if even_k else " K, N not multiples of the tile")
                     try:
                         c = compile_matmul(kernel, cfg, act, arch, even_k=even_k)
                     except Exception as exc:  # noqa: BLE001 - report and continue

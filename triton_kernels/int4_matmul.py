@@ -23,11 +23,8 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
-    rows_accumulator, rows_result, gemv_masks,
+    rows_accumulator, rows_result, gemv_masks, FLOAT_2_23_BITS,
 )
-
-FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantissa is read exactly
-
 
 @triton.jit
 def int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N):

@@ -10,9 +10,8 @@ Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words 
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
 and does one dot; ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
 the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode,
-M <= 16) reads the codes as one byte per group (``[BLOCK_N, BLOCK_K/4]``, contiguous per row),
-picks each kept code's column of x with selects (as the 2:4 gemv), and applies the scales to the
-per-group sums on the CUDA cores.
+M <= 2, on the CUDA cores) reads one code word and its metadata per row and 16 columns, picks each
+kept code's column of x with selects and applies the scales to the per-group sums.
 """
 import torch
 import triton
@@ -20,12 +19,12 @@ import triton.language as tl
 
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
-    rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, nibble_value, pick_config,
+    rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
     pow2_divisor, store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_word_fields,
-    interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, unit_scales, gemv_masks,
+    interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, FLOAT_2_23_BITS,
 )
 from .sparse24_matmul import (
-    group_positions, kept_position_bits, kept_slots, meta_fields_rows, pick_column, x_group_columns,
+    group_positions, kept_slots, meta_fields_rows,
 )
 
 
@@ -123,34 +122,78 @@ def _sparse24_int4_rows_kernel(
     store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["one"])
 def _sparse24_int4_gemv_kernel(
-    x_ptr, qb_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_bn, stride_mg, stride_sg,
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, magic, one,
     GROUPSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    """``qb_ptr``: the codes viewed as bytes ``[N, K/4]``, one byte (q0 | q1 << 4) per group."""
+    """Decode on the CUDA cores, counted in instructions per kept code (the limit at M = 1).
+
+    The K tile is read in sub-tiles of 32 columns (G is a multiple of 32: one scale per row):
+    per row, one metadata word and two code words, each holding the kept pairs of 4 groups. The
+    words ``[BLOCK_N, 2]``, their metadata halves and the rows' scales are loaded in one shape
+    and one register layout, so no value of the loop goes through shared memory.
+
+    Field i of a word is read in place, ``(word & 0xF << 4i) | 2^23`` as a float being
+    ``2^23 + nib * 16^i`` exactly (fields 5-7 from the word shifted down by 12), and one FMA
+    scales it back and removes ``2^23 + 8``. A kept code takes its column of x with two selects
+    on bits of the metadata: ``i0 < i1``, so the first code of a group is at position 0-2 and the
+    second at 1-3. Per kept code: the AND-OR, the FMA, two bit tests, two selects, the
+    multiply-add; x's columns are loaded once per thread for all of its rows."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, BLOCK_K // 4)
-    total = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    # ``one`` (a run-time 1) hides from the compiler that the words are contiguous along K and the
+    # metadata and scales along N: loaded one element at a time, all three take the same layout,
+    # with many rows on each thread.
+    offs_w = tl.arange(0, 2) * one
+    rows = offs_n[None, :, None]
+    row_mask = rows < N
+    w_ptrs = qv_ptr + rows * stride_qn + offs_w[None, None, :]
+    m_ptrs = meta_ptr + rows * one + 0 * offs_w[None, None, :]
+    s_ptrs = s_ptr + rows * one + 0 * offs_w[None, None, :]
+    m_shift = (offs_w * 16)[None, None, :]  # word j's metadata: bits 16j .. 16j + 15
+    # Rows of x past M repeat row M - 1 (their sums are not stored): no mask on x's loads.
+    x_rows = tl.minimum(offs_m, M - 1)
+    x_ptrs = x_ptr + x_rows[:, None, None] * stride_xm + (offs_w * 16)[None, None, :]
+    total = tl.zeros((BLOCK_M, BLOCK_N, 2), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
-        grp = t * (BLOCK_K // 4) + offs_g
-        mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K // 4, EVEN_K)
-        pair = tl.load(qb_ptr + offs_n[:, None] * stride_bn + grp[None, :], mask=mask, other=0).to(tl.int32)
-        s = unit_scales(s_ptr, stride_sg, offs_n, t, N, K, GROUPSIZE, BLOCK_K, 4)
-        q0 = nibble_value(pair & 0xF)
-        q1 = nibble_value(pair >> 4)
-        a0, a1, b0, b1 = kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-        x0, x1, x2, x3 = x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask)
-        part = q0[None, :, :] * pick_column(a0[None, :, :], a1[None, :, :], x0, x1, x2, x3)
-        part += q1[None, :, :] * pick_column(b0[None, :, :], b1[None, :, :], x0, x1, x2, x3)
-        total += part * s[None, :, :]
-    acc = tl.sum(total, axis=2)  # over the groups once, after the loop
+        for sub in tl.static_range(BLOCK_K // 32):
+            col = t * BLOCK_K + sub * 32
+            inside = (col < K) | EVEN_K  # K is a multiple of 32: a sub-tile lies inside or past K
+            mask = (row_mask | EVEN_N) & inside
+            words = tl.load(w_ptrs + col // 16, mask=mask, other=0)
+            high = words >> 12
+            meta = tl.load(m_ptrs + (col // 32) * stride_mg, mask=mask, other=0) >> m_shift
+            s = tl.load(s_ptrs + (col // GROUPSIZE) * stride_sg, mask=mask, other=0.0)
+            part = tl.zeros((BLOCK_M, BLOCK_N, 2), dtype=tl.float32)
+            for g in tl.static_range(4):
+                x0 = tl.load(x_ptrs + col + 4 * g, mask=inside, other=0.0).to(tl.float32)
+                x1 = tl.load(x_ptrs + col + 4 * g + 1, mask=inside, other=0.0).to(tl.float32)
+                x2 = tl.load(x_ptrs + col + 4 * g + 2, mask=inside, other=0.0).to(tl.float32)
+                x3 = tl.load(x_ptrs + col + 4 * g + 3, mask=inside, other=0.0).to(tl.float32)
+                for h in tl.static_range(2):  # the group's first (h = 0) and second kept code
+                    i = 2 * g + h
+                    if i < 5:
+                        source, shift = words, 4 * i
+                    else:
+                        source, shift = high, 4 * i - 12
+                    field = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
+                    code = field * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 8.0)
+                    low_bit = (meta & (1 << (4 * g + 2 * h))) != 0
+                    high_bit = (meta & (2 << (4 * g + 2 * h))) != 0
+                    if h == 0:
+                        xs = tl.where(high_bit, x2, tl.where(low_bit, x1, x0))
+                    else:
+                        xs = tl.where(high_bit, tl.where(low_bit, x3, x2), x1)
+                    part += code * xs
+            total += part * s.to(tl.float32)
+    # Reduced over the two words once, after the loop.
+    acc = tl.sum(total, axis=2)
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
@@ -185,7 +228,10 @@ def _check_packed(qvalues, meta, scales, groupsize):
 
 
 def sparse24_int4_limits(groupsize: int) -> KernelLimits:
-    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64, scaled=True)
+    # gemv: tall row tiles share each column of x among many rows of a thread (1024 rows spill
+    # registers at M = 2); above M = 2 the tensor-core kernels take fewer instructions.
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64, scaled=True,
+                        gemv_block_n=(512, 1024, 256), gemv_block_k=(128, 256), gemv_max_m=2)
 
 
 def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.float16):
@@ -221,11 +267,11 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
         grid, y, ws = grid_and_buffers(x2, n, cfg)
         if cfg.variant == "gemv":
             _sparse24_int4_gemv_kernel[grid](
-                x2, qvalues.view(torch.uint8), meta, scales, bias if bias is not None else y, y, ws,
-                m, n, k, x2.stride(0), qvalues.stride(0) * 4, meta.stride(0), scales.stride(0),
+                x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
+                m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0), FLOAT_2_23_BITS, 1,
                 GROUPSIZE=groupsize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
