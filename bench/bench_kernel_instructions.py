@@ -129,9 +129,11 @@ def main_loop_ops(compiled) -> collections.Counter:
 
 
 def decode_tiles(limits):
-    """The format's gemv tuning tiles (M = 1: every row tile with the two first K tiles; M = 4
-    and 16 where the tuner offers them), then the tensor-core decode kernels."""
+    """The format's gemv tuning tiles (M = 1: every row tile with the two first K tiles; M = 2
+    with the first K tile; M = 4 and 16 where the tuner offers them), then the tensor-core
+    decode kernels."""
     tiles = [("gemv", 1, bn, bk) for bn in limits.gemv_block_n for bk in limits.gemv_block_k[:2]]
+    tiles += [("gemv", 2, bn, limits.gemv_block_k[0]) for bn in limits.gemv_block_n]
     if limits.gemv_max_m >= 4:
         tiles += [("gemv", 4, bn, 512) for bn in limits.gemv_block_n[:2]]
     if limits.gemv_max_m >= 16:

@@ -23,7 +23,7 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
-    rows_accumulator, rows_result, gemv_masks, FLOAT_2_23_BITS,
+    rows_accumulator, rows_result, FLOAT_2_23_BITS,
 )
 
 @triton.jit
@@ -109,16 +109,17 @@ def _int4_gemv_kernel(
     M, N, K, stride_xm, stride_qn, stride_sg, magic,
     GROUPSIZE: tl.constexpr, SUB_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     """Decode on the CUDA cores, counted in instructions per weight (the limit at M = 1).
 
     Field i of a word is read in place, not shifted down: ``(word & 0xF << 4i) | 2^23`` as a
     float is ``2^23 + nib * 16^i`` exactly, so one AND-OR (a single LOP3, with ``magic`` = the
-    bits of 2^23 passed at run time so that it sits in a register) and one subtraction of
-    ``2^23 + 8 * 16^i`` give the code (offset removed) times ``16^i``; x's column is scaled by
-    ``16^-i`` instead (exact, and shared by every row of the tile). The mantissa has 23 bits, so
-    fields 0-4 (bits 0-19) are read from the word and fields 5-7 from the word shifted down by 12
-    (one shift per word).
+    bits of 2^23 passed at run time so that it sits in a register) and one FMA (times ``16^-i``,
+    minus ``2^23 * 16^-i + 8``; exact, the result being a small integer) give the code. The
+    mantissa has 23 bits, so fields 0-4 (bits 0-19) are read from the word and fields 5-7 from
+    the word shifted down by 12 (one shift per word). Rows of x past M repeat row M - 1 (their
+    sums are not stored), so x's loads need no mask.
 
     The K tile is taken in sub-tiles of ``SUB_K`` columns (a power of two dividing G, so each
     lies in one quantization group), each loaded as ``[BLOCK_N, SUB_K / 8]`` words with one
@@ -132,30 +133,31 @@ def _int4_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
+    x_rows = tl.minimum(offs_m, M - 1)
     total = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         for sub in tl.static_range(BLOCK_K // SUB_K):
             col = t * BLOCK_K + sub * SUB_K
             word = col // 8 + offs_w
-            mask, x_mask = gemv_masks(offs_m, offs_n, word, M, N, K // 8, EVEN_K)
-            words = tl.load(qw_ptr + offs_n[None, :, None] * stride_qn + word[None, None, :],
-                            mask=mask[None, :, :], other=0)
+            inside = (col < K) | EVEN_K  # a sub-tile lies wholly inside or past K
+            mask = (((offs_n < N) | EVEN_N)[None, :, None]) & inside
+            words = tl.load(qw_ptr + offs_n[None, :, None] * stride_qn + word[None, None, :], mask=mask, other=0)
             high = words >> 12
             s = tl.load(s_ptr + (col // GROUPSIZE) * stride_sg + offs_n, mask=(offs_n < N) & (col < K), other=0.0)
             # part[m, n, j]: row m of x against the 8 codes of word j of row n. Each field is
             # decoded once and used for every row of x.
             part = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
             for i in tl.static_range(8):
-                xi = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + (word * 8 + i)[None, None, :],
-                             mask=x_mask[:, None, :], other=0.0)
+                xi = tl.load(x_ptr + x_rows[:, None, None] * stride_xm + (word * 8 + i)[None, None, :],
+                             mask=inside, other=0.0)
                 if i < 5:
                     source, shift = words, 4 * i
                 else:
                     source, shift = high, 4 * i - 12
-                code = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
-                code -= 8388608.0 + 8.0 * (1 << shift)
-                part += code * (xi.to(tl.float32) * (1.0 / (1 << shift)))
+                field = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
+                code = field * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 8.0)
+                part += code * xi.to(tl.float32)
             total += part * s.to(tl.float32)[None, :, None]
     # Reduced over the words once, after the loop: no cross-lane sums per tile.
     acc = tl.sum(total, axis=2)
@@ -190,10 +192,11 @@ def _check_packed(qweight, scales, groupsize):
 
 
 def int4_limits(groupsize: int) -> KernelLimits:
-    # gemv: BLOCK_K 1024 spills registers (bench/bench_kernel_instructions.py); above M = 2 the
-    # tensor-core kernels take fewer instructions per weight.
+    # gemv: BLOCK_K 1024 spills registers, and 512 does at M = 2 under Triton 3.6
+    # (bench/bench_kernel_instructions.py); above M = 2 the tensor-core kernels take fewer
+    # instructions per weight.
     return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=128, scaled=True,
-                        gemv_block_n=(256, 128, 64), gemv_block_k=(512, 256), gemv_max_m=2)
+                        gemv_block_n=(256, 128, 64), gemv_block_k=(256, 512), gemv_max_m=2)
 
 
 def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
@@ -233,7 +236,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
                 GROUPSIZE=groupsize, SUB_K=pow2_divisor(groupsize, cfg.block_k), BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
         _KERNELS[cfg.variant][grid](
