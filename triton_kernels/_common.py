@@ -441,6 +441,21 @@ FLOAT_2_23_BITS = 0x4B000000  # the float32 2^23: a nibble OR-ed into its mantis
 
 
 @triton.jit
+def word_field_code(words, high, magic, i: tl.constexpr):
+    """Field ``i`` (bits 4i .. 4i + 3, offset binary) of int32 ``words`` as the float32 code
+    ``nib - 8``, read in place rather than shifted down: ``(word & 0xF << 4i) | 2^23`` as a float
+    is ``2^23 + nib * 16^i`` exactly (one LOP3, ``magic`` being the bits of 2^23 in a register),
+    and one FMA (times ``16^-i``, minus ``2^23 * 16^-i + 8``) leaves the code exactly. The
+    mantissa has 23 bits: fields 5-7 are read from ``high = words >> 12``."""
+    if i < 5:
+        source, shift = words, 4 * i
+    else:
+        source, shift = high, 4 * i - 12
+    field = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
+    return field * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 8.0)
+
+
+@triton.jit
 def nibble_value(nib):
     """A 4-bit code (int32 0..15, offset binary) as the float32 ``nib - 8``, exactly: the nibble
     becomes the low mantissa bits of 2^23 (an OR and a subtract, no int-to-float conversion)."""

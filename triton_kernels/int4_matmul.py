@@ -23,7 +23,7 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
     store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
-    rows_accumulator, rows_result, FLOAT_2_23_BITS,
+    rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
 )
 
 @triton.jit
@@ -113,13 +113,9 @@ def _int4_gemv_kernel(
 ):
     """Decode on the CUDA cores, counted in instructions per weight (the limit at M = 1).
 
-    Field i of a word is read in place, not shifted down: ``(word & 0xF << 4i) | 2^23`` as a
-    float is ``2^23 + nib * 16^i`` exactly, so one AND-OR (a single LOP3, with ``magic`` = the
-    bits of 2^23 passed at run time so that it sits in a register) and one FMA (times ``16^-i``,
-    minus ``2^23 * 16^-i + 8``; exact, the result being a small integer) give the code. The
-    mantissa has 23 bits, so fields 0-4 (bits 0-19) are read from the word and fields 5-7 from
-    the word shifted down by 12 (one shift per word). Rows of x past M repeat row M - 1 (their
-    sums are not stored), so x's loads need no mask.
+    Each field is read in place (``word_field_code``: an AND-OR and an FMA per code, one shift
+    per word). Rows of x past M repeat row M - 1 (their sums are not stored), so x's loads need
+    no mask.
 
     The K tile is taken in sub-tiles of ``SUB_K`` columns (a power of two dividing G, so each
     lies in one quantization group), each loaded as ``[BLOCK_N, SUB_K / 8]`` words with one
@@ -151,13 +147,7 @@ def _int4_gemv_kernel(
             for i in tl.static_range(8):
                 xi = tl.load(x_ptr + x_rows[:, None, None] * stride_xm + (word * 8 + i)[None, None, :],
                              mask=inside, other=0.0)
-                if i < 5:
-                    source, shift = words, 4 * i
-                else:
-                    source, shift = high, 4 * i - 12
-                field = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
-                code = field * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 8.0)
-                part += code * xi.to(tl.float32)
+                part += word_field_code(words, high, magic, i) * xi.to(tl.float32)
             total += part * s.to(tl.float32)[None, :, None]
     # Reduced over the words once, after the loop: no cross-lane sums per tile.
     acc = tl.sum(total, axis=2)

@@ -48,6 +48,8 @@ def main() -> int:
                KernelConfig(16, 32, 64, split_k=3, variant="tile"),
                KernelConfig(4, 32, 128, split_k=3, variant="gemv"),
                KernelConfig(8, 16, 64, split_k=2, num_warps=8, variant="gemv"),
+               KernelConfig(1, 512, 128, split_k=4, variant="gemv"),  # the 2:4 + INT4 default, M = 1
+               KernelConfig(2, 256, 256, split_k=3, variant="gemv"),  # the INT4 default, M <= 2
                KernelConfig(16, 64, 128, split_k=3, variant="rows"),
                KernelConfig(64, 128, 64, num_warps=4, num_stages=3, variant="rows"),
                KernelConfig(64, 64, 64, num_warps=4, num_stages=3),

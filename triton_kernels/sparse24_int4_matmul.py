@@ -21,7 +21,8 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
     pow2_divisor, store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_word_fields,
-    interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, FLOAT_2_23_BITS,
+    interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, word_field_code,
+    FLOAT_2_23_BITS,
 )
 from .sparse24_matmul import (
     group_positions, kept_slots, meta_fields_rows,
@@ -136,11 +137,9 @@ def _sparse24_int4_gemv_kernel(
     words ``[BLOCK_N, 2]``, their metadata halves and the rows' scales are loaded in one shape
     and one register layout, so no value of the loop goes through shared memory.
 
-    Field i of a word is read in place, ``(word & 0xF << 4i) | 2^23`` as a float being
-    ``2^23 + nib * 16^i`` exactly (fields 5-7 from the word shifted down by 12), and one FMA
-    scales it back and removes ``2^23 + 8``. A kept code takes its column of x with two selects
-    on bits of the metadata: ``i0 < i1``, so the first code of a group is at position 0-2 and the
-    second at 1-3. Per kept code: the AND-OR, the FMA, two bit tests, two selects, the
+    Each code is read in place (``word_field_code``: an AND-OR and an FMA). A kept code takes
+    its column of x with two selects on bits of the metadata: ``i0 < i1``, so the first code of a
+    group is at position 0-2 and the second at 1-3. Per kept code: the AND-OR, the FMA, two bit tests, two selects, the
     multiply-add; x's columns are loaded once per thread for all of its rows."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
@@ -177,13 +176,7 @@ def _sparse24_int4_gemv_kernel(
                 x2 = tl.load(x_ptrs + col + 4 * g + 2, mask=inside, other=0.0).to(tl.float32)
                 x3 = tl.load(x_ptrs + col + 4 * g + 3, mask=inside, other=0.0).to(tl.float32)
                 for h in tl.static_range(2):  # the group's first (h = 0) and second kept code
-                    i = 2 * g + h
-                    if i < 5:
-                        source, shift = words, 4 * i
-                    else:
-                        source, shift = high, 4 * i - 12
-                    field = ((source & (0xF << shift)) | magic).to(tl.float32, bitcast=True)
-                    code = field * (1.0 / (1 << shift)) - (8388608.0 / (1 << shift) + 8.0)
+                    code = word_field_code(words, high, magic, 2 * g + h)
                     low_bit = (meta & (1 << (4 * g + 2 * h))) != 0
                     high_bit = (meta & (2 << (4 * g + 2 * h))) != 0
                     if h == 0:
