@@ -72,7 +72,8 @@ def compile_kernel(kernel, block_m, block_n, block_k, num_warps, num_stages=3, f
     """The kernel compiled for ``sm_<arch>`` as a launch specializes it (signature from its
     parameters, so older and newer versions of a kernel compile alike)."""
     values = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": 4 if block_m <= 16 else 1,
-              "HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True, "GROUPSIZE": GROUPSIZE, "SUB_K": min(GROUPSIZE, block_k),
+              "HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True, "GROUPSIZE": GROUPSIZE,
+              "SUB_K": min(GROUPSIZE, block_k),
               "VALUE_DTYPE": tl.float16, "GROUP_M": 8, "UPCAST": False, "FOLD_SCALES": fold_scales,
               "W_LEFT": weight_left}
     sig, consts, attrs = {}, {}, {}

@@ -10,8 +10,8 @@ Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words 
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
 and does one dot; ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
 the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode,
-M <= 2, on the CUDA cores) reads one code word and its metadata per row and 16 columns, picks each
-kept code's column of x with selects and applies the scales to the per-group sums.
+M <= 2, on the CUDA cores) reads, per row and 32 columns, one metadata word and two code words,
+picks each kept code's column of x with selects and applies the scales to the per-group sums.
 """
 import torch
 import triton
@@ -139,8 +139,9 @@ def _sparse24_int4_gemv_kernel(
 
     Each code is read in place (``word_field_code``: an AND-OR and an FMA). A kept code takes
     its column of x with two selects on bits of the metadata: ``i0 < i1``, so the first code of a
-    group is at position 0-2 and the second at 1-3. Per kept code: the AND-OR, the FMA, two bit tests, two selects, the
-    multiply-add; x's columns are loaded once per thread for all of its rows."""
+    group is at position 0-2 and the second at 1-3. Per kept code: the AND-OR, the FMA, two bit
+    tests, two selects, the multiply-add; x's columns are loaded once per thread for all of its
+    rows."""
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -222,9 +223,10 @@ def _check_packed(qvalues, meta, scales, groupsize):
 
 def sparse24_int4_limits(groupsize: int) -> KernelLimits:
     # gemv: tall row tiles share each column of x among many rows of a thread (1024 rows spill
-    # registers at M = 2); above M = 2 the tensor-core kernels take fewer instructions.
+    # registers at M = 2, and with BLOCK_K = 256 at M = 1; 256 saves nothing on 512 or fewer
+    # rows); above M = 2 the tensor-core kernels take fewer instructions.
     return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64, scaled=True,
-                        gemv_block_n=(512, 1024, 256), gemv_block_k=(128, 256), gemv_max_m=2)
+                        gemv_block_n=(512, 1024, 256), gemv_block_k=(128,), gemv_max_m=2)
 
 
 def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.float16):
