@@ -43,9 +43,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: this benchmark compiles the kernels")
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+from pyprune.triton_kernels import KernelConfig  # noqa: E402
+from pyprune.triton_kernels.aot_check import compile_matmul  # noqa: E402
 
 
 KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of K, its KernelLimits at G = 128)
@@ -62,41 +62,18 @@ DECODE_WARPS = 4
 # with the decoded weight as either operand of the dot.
 PREFILL_TILES = [(128, 128, 64, 3), (128, 128, 128, 3), (256, 128, 64, 3), (256, 128, 128, 2)]
 PREFILL_WARPS = 8
-GROUPSIZE = 128
+GROUPSIZE = 128  # as aot_check.compile_matmul compiles the gemv kernels
 TENSOR_FMA_PER_CYCLE = 2048  # dense fp16 multiply-adds per cycle per SM, H100 SXM
 SCHEDULERS = 4  # warp-instructions issued per cycle per SM
 
 
 def compile_kernel(kernel, block_m, block_n, block_k, num_warps, num_stages=3, fold_scales=False, arch=90,
                    weight_left=False):
-    """The kernel compiled for ``sm_<arch>`` as a launch specializes it (signature from its
-    parameters, so older and newer versions of a kernel compile alike)."""
-    values = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": 4 if block_m <= 16 else 1,
-              "HAS_BIAS": False, "EVEN_K": True, "EVEN_N": True, "GROUPSIZE": GROUPSIZE,
-              "SUB_K": min(GROUPSIZE, block_k),
-              "VALUE_DTYPE": tl.float16, "GROUP_M": 8, "UPCAST": False, "FOLD_SCALES": fold_scales,
-              "W_LEFT": weight_left}
-    sig, consts, attrs = {}, {}, {}
-    for i, p in enumerate(kernel.params):
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            consts[p.name] = values[p.name]
-            continue
-        if p.name in ("x_ptr", "y_ptr", "bias_ptr", "s_ptr", "val_ptr"):  # val_ptr: 2:4 values as stored
-            sig[p.name] = "*fp16"
-        elif p.name == "ws_ptr":
-            sig[p.name] = "*fp32"
-        elif p.name == "qb_ptr":
-            sig[p.name] = "*u8"
-        elif p.name.endswith("_ptr"):
-            sig[p.name] = "*i32"
-        else:
-            sig[p.name] = "i32"
-        if sig[p.name].startswith("*") or p.name in ("N", "K") or p.name.startswith("stride"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
-                                                                            "num_stages": num_stages})
+    """The kernel compiled for ``sm_<arch>`` as a launch specializes it, fp16 activations (the
+    signature and specialization of ``aot_check``)."""
+    cfg = KernelConfig(block_m, block_n, block_k, split_k=4 if block_m <= 16 else 1, num_warps=num_warps,
+                       num_stages=num_stages, fold_scales=fold_scales, weight_left=weight_left)
+    return compile_matmul(kernel, cfg, "fp16", arch)
 
 
 def wgmma_in_flight(compiled) -> int:

@@ -117,8 +117,8 @@ class KernelLimits:
     scaled: bool = False  # the format has group scales (INT4 formats)
     # The "gemv" variant's tuning candidates: row tiles, K tiles (the first pair is the default at
     # M <= 2) and the largest M offered. Narrow row tiles with long K runs stream best for the 2:4
-    # formats (measured on an H100); the INT4 kernel reads each row's words of a group as one
-    # vector per thread, so it needs wide row tiles to spread over the threads.
+    # format (measured on an H100); the INT4 formats' kernels share each column of x among the
+    # rows a thread holds, so they need wide row tiles (see each format's limits).
     gemv_block_n: tuple = (16, 8, 4)
     gemv_block_k: tuple = (1024, 512, 2048)
     gemv_max_m: int = DECODE_MAX_M
