@@ -35,7 +35,7 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
 
 def _matmul_signature(kernel, act: str, value: str):
-    ints = {"M", "N", "K", "tiles_per_group", "magic", "one"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    ints = {"M", "N", "K", "tiles_per_group", "magic", "one", "first_bits", "second_bits"} | {n for n in kernel.arg_names if n.startswith("stride")}
     sig = {}
     for name in kernel.arg_names:
         if name in ints:
@@ -79,6 +79,10 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left,
     }
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
+    if "tiles_per_group" in kernel.arg_names and cfg.block_k == 128:
+        # One K tile per group of 128: a launch passes 1, which Triton specializes as a constant.
+        sig["tiles_per_group"] = "constexpr"
+        consts["tiles_per_group"] = 1
     if "VALUE_DTYPE" in kernel.arg_names:
         consts["VALUE_DTYPE"] = {"fp16": tl.float16, "bf16": tl.bfloat16}[value or act]
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=launch_specialization(kernel, sig))

@@ -57,6 +57,7 @@ def main() -> int:
                KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows"),
                KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True),
                KernelConfig(16, 64, 128, split_k=3, variant="rows", weight_left=True),
+               KernelConfig(16, 128, 128, split_k=2, variant="rows", weight_left=True),  # fewest instructions, M <= 16
                KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", weight_left=True),
                KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
                             weight_left=True)]

@@ -8,7 +8,7 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 
 Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
-and does one dot; ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
+and does one dot (for decode, ``BLOCK_M <= 16``, with the spread of :func:`spread_kept_codes`); ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
 the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode,
 M <= 2, on the CUDA cores) reads, per row and 32 columns, one metadata word and two code words,
 picks each kept code's column of x with selects and applies the scales to the per-group sums.
@@ -95,30 +95,152 @@ def _sparse24_int4_split_kernel(
     store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
+# The decode spread (``rows`` at BLOCK_M <= 16) builds each dense position as a product of a kept
+# code and a factor that is 0 or a power of two, on pairs of 16-bit floats. The codes are decoded
+# scaled so that every product is ``q * unit``: in fp16 the first code of a group as 2q and the
+# second as q * 2^-11, against factors 2^-11 (a lone bit 12) and 2 (a lone bit 14), unit 2^-10; in
+# bf16 (and in the interpreter's float32 stand-in for it, which reads the same bits) q * 2^47 and
+# q * 2^-49 against 2^-95 and 2, unit 2^-48. The bits OR-ed onto the codes per activation dtype:
+SPREAD_CODE_BITS = {torch.float16: (0x68006800, 0x28002800), torch.bfloat16: (0x5A805A80, 0x2A802A80)}
+
+
+@triton.jit
+def _lane_halves(pairs, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """The two 16-bit halves of int32 ``pairs`` as ``dtype`` floats (bf16 under ``UPCAST``:
+    float32 of the same value, since the interpreter's bf16 arithmetic is wrong)."""
+    if dtype == tl.float16:
+        lo = pairs.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    elif not UPCAST:
+        lo = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        lo = (pairs << 16).to(tl.float32, bitcast=True)
+        hi = (pairs & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _spread_lane_pair(codes, meta, first_bits, second_bits, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Dense positions 0-3 of two groups, one per 16-bit lane: ``codes`` holds each group's kept
+    pair in bits 0-7 of its lane, ``meta`` its metadata ``i0 | i1 << 2`` in bits 11-14. Returns
+    the 4 positions of the low lane's group, then the 4 of the high lane's (scaled, see above)."""
+    if dtype == tl.float16:  # the second code read in place: bits 4-7 are mantissa bits in fp16
+        q0l, q0h = _lane_halves((codes & 0x000F000F) | first_bits, dtype, UPCAST)
+        q1l, q1h = _lane_halves((codes & 0x00F000F0) | second_bits, dtype, UPCAST)
+        q0l, q0h = q0l - 2064.0, q0h - 2064.0  # 2048 + 2 nib - (2048 + 16) = 2q
+        q1l, q1h = q1l - 0.03515625, q1h - 0.03515625  # 2^-5 + nib 2^-11 - (2^-5 + 2^-8)
+    else:
+        q0l, q0h = _lane_halves((codes & 0x000F000F) | first_bits, dtype, UPCAST)
+        q1l, q1h = _lane_halves(((codes >> 4) & 0x000F000F) | second_bits, dtype, UPCAST)
+        q0l, q0h = q0l - 19140298416324608.0, q0h - 19140298416324608.0  # 2^54 + 2^50
+        q1l, q1h = q1l - 2.4158453015843406e-13, q1h - 2.4158453015843406e-13  # 2^-42 + 2^-46
+    # Bits 11-14 of ``meta`` are a0 a1 b0 b1 (i0 = a0 + 2 a1, i1 = b0 + 2 b1); in ``up`` they sit
+    # one bit higher, so a single AND/NOT puts each condition on bit 12 or bit 14. As i0 < i1:
+    # i0 = 0 iff neither a bit, i0 = 1 iff a0, i0 = 2 iff a1; i1 = 1 iff not b1, 2 iff b1 and not
+    # b0, 3 iff both.
+    up = meta << 1
+    f0_0, f0_0h = _lane_halves(~(meta | up) & 0x10001000, dtype, UPCAST)
+    f0_1, f0_1h = _lane_halves(up & 0x10001000, dtype, UPCAST)
+    f0_2, f0_2h = _lane_halves(meta & 0x10001000, dtype, UPCAST)
+    f1_1, f1_1h = _lane_halves(~meta & 0x40004000, dtype, UPCAST)
+    f1_2, f1_2h = _lane_halves(meta & ~up & 0x40004000, dtype, UPCAST)
+    f1_3, f1_3h = _lane_halves(meta & up & 0x40004000, dtype, UPCAST)
+    return (q0l * f0_0, q0l * f0_1 + q1l * f1_1, q0l * f0_2 + q1l * f1_2, q1l * f1_3,
+            q0h * f0_0h, q0h * f0_1h + q1h * f1_1h, q0h * f0_2h + q1h * f1_2h, q1h * f1_3h)
+
+
+@triton.jit
+def _spread_word(words, meta16, first_bits, second_bits, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """The 16 dense values of each code word's 4 groups (metadata in the low 16 bits of
+    ``meta16``): groups 0 and 2 as one lane pair, then groups 1 and 3."""
+    # One multiply moves the fields of groups j and j + 2 (bits 4j, 4j + 8) to bits 11 and 27.
+    near = _spread_lane_pair(words, (meta16 & 0x0F0F) * 0x80800, first_bits, second_bits, dtype, UPCAST)
+    far = _spread_lane_pair(words >> 8, (meta16 & 0xF0F0) * 0x8080, first_bits, second_bits, dtype, UPCAST)
+    return near, far
+
+
+@triton.jit
+def _join_words(even_near, odd_near, even_far, odd_far, i: tl.constexpr):
+    return tl.join(tl.join(even_near[i], odd_near[i]), tl.join(even_far[i], odd_far[i]))
+
+
+@triton.jit
+def spread_kept_codes(words, meta, first_bits, second_bits, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Dense tile ``[R, 16 W]`` (scaled, see ``SPREAD_CODE_BITS``) of code words ``[R, W]`` and
+    metadata words ``[R, W / 2]``, its columns in the order of :func:`spread_column_order`: each
+    pair of lanes stays in its 32-bit register, so the tile goes to the dot without repacking."""
+    R: tl.constexpr = words.shape[0]
+    W: tl.constexpr = words.shape[1]
+    even, odd = tl.split(tl.reshape(words, (R, W // 2, 2)))
+    even_near, even_far = _spread_word(even, meta, first_bits, second_bits, dtype, UPCAST)
+    odd_near, odd_far = _spread_word(odd, meta >> 16, first_bits, second_bits, dtype, UPCAST)
+    # Each join adds a dimension after the others: [R, W / 2, word parity, lane pair, p & 1, p >> 1, lane].
+    low = tl.join(tl.join(_join_words(even_near, odd_near, even_far, odd_far, 0),
+                          _join_words(even_near, odd_near, even_far, odd_far, 1)),
+                  tl.join(_join_words(even_near, odd_near, even_far, odd_far, 2),
+                          _join_words(even_near, odd_near, even_far, odd_far, 3)))
+    high = tl.join(tl.join(_join_words(even_near, odd_near, even_far, odd_far, 4),
+                           _join_words(even_near, odd_near, even_far, odd_far, 5)),
+                   tl.join(_join_words(even_near, odd_near, even_far, odd_far, 6),
+                           _join_words(even_near, odd_near, even_far, odd_far, 7)))
+    return tl.reshape(tl.join(low, high), (R, 16 * W))
+
+
+@triton.jit
+def spread_column_order(BLOCK_K: tl.constexpr):
+    """The column of K held at each column of :func:`spread_kept_codes`' tile: within each 32,
+    tile column ``lane + 2 (p >> 1) + 4 (p & 1) + 8 j + 16 e`` holds position p of group
+    ``4 e + j + 2 lane`` (e: the word, j: the lane pair)."""
+    c = tl.arange(0, BLOCK_K)
+    r = c % 32
+    group = 4 * (r // 16) + (r // 8) % 2 + 2 * (r % 2)
+    return c - r + 4 * group + (r // 4) % 2 + 2 * ((r // 2) % 2)
+
+
 @triton.jit
 def _sparse24_int4_rows_kernel(
     x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
-    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
+    M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group, first_bits, second_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     FOLD_SCALES: tl.constexpr, W_LEFT: tl.constexpr,
 ):
+    """Decode (``BLOCK_M <= 16``): the spread of :func:`spread_kept_codes`, with x's columns
+    loaded in its order (few rows of x: cheaper to reorder than the weight tile) and rows past M
+    repeating row M - 1 (not stored), so no mask. Prefill: the codes decoded per word and spread
+    with selects (``spread_sorted_pairs``)."""
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_w = tl.arange(0, BLOCK_K // 16)
     row_mask = (offs_n < N)[:, None]
+    DECODE: tl.constexpr = BLOCK_M <= 16
+    if DECODE:
+        x_rows = tl.minimum(offs_m, M - 1).to(tl.int64)
+        x_ptrs = x_ptr + x_rows[:, None] * stride_xm + spread_column_order(BLOCK_K)[None, :]
+        offs_mw = tl.arange(0, BLOCK_K // 32)
     acc = rows_accumulator(BLOCK_M, BLOCK_N, W_LEFT)
     start, end = k_range(pid_k, K // BLOCK_K, SPLIT_K)
     for t in range(start, end):
-        a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
         words = tl.load(qv_ptr + offs_n[:, None] * stride_qn + (t * (BLOCK_K // 16) + offs_w)[None, :],
                         mask=row_mask, other=0)
-        # Field 2i of a word is group i's first kept code, field 2i + 1 its second.
-        f0, f1, f2, f3, f4, f5, f6, f7 = int4_word_fields(words, a.dtype, UPCAST)
-        q0 = interleave4(f0, f2, f4, f6)  # [BLOCK_N, BLOCK_K / 4]
-        q1 = interleave4(f1, f3, f5, f7)
-        field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-        q = spread_sorted_pairs(q0, q1, field)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+        if DECODE:
+            a = tl.load(x_ptrs + t * BLOCK_K)
+            meta = tl.load(meta_ptr + (t * (BLOCK_K // 32) + offs_mw)[None, :] * stride_mg + offs_n[:, None],
+                           mask=row_mask, other=0)
+            q = spread_kept_codes(words, meta, first_bits, second_bits, a.dtype, UPCAST)
+            if FOLD_SCALES:  # fp16: back to the codes (exactly), so that q * s rounds as the dense weight
+                q = q * 1024.0
+            else:
+                s = s.to(tl.float32) * (1024.0 if a.dtype == tl.float16 else 281474976710656.0)  # 1 / unit
+        else:
+            a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
+            # Field 2i of a word is group i's first kept code, field 2i + 1 its second.
+            f0, f1, f2, f3, f4, f5, f6, f7 = int4_word_fields(words, a.dtype, UPCAST)
+            q0 = interleave4(f0, f2, f4, f6)  # [BLOCK_N, BLOCK_K / 4]
+            q1 = interleave4(f1, f3, f5, f7)
+            field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+            q = spread_sorted_pairs(q0, q1, field)
         acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST, W_LEFT)
     store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
@@ -269,10 +391,11 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
                 EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
             return finish_split_k(ws, y, bias, cfg, x2.dtype)
+        spread_bits = SPREAD_CODE_BITS[x2.dtype] if cfg.variant == "rows" else ()
         _KERNELS[cfg.variant][grid](
             x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
             m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0),
-            groupsize // cfg.block_k,
+            groupsize // cfg.block_k, *spread_bits,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, limits),
