@@ -35,7 +35,8 @@ SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes per block (opt-in maximum)
 
 
 def _matmul_signature(kernel, act: str, value: str):
-    ints = {"M", "N", "K", "tiles_per_group", "magic", "one", "first_bits", "second_bits"} | {n for n in kernel.arg_names if n.startswith("stride")}
+    ints = {"M", "N", "K", "tiles_per_group", "magic", "one", "first_bits", "second_bits"}
+    ints |= {n for n in kernel.arg_names if n.startswith("stride")}
     sig = {}
     for name in kernel.arg_names:
         if name in ints:

@@ -8,10 +8,11 @@ group scale is applied to the fp32 partial product (``BLOCK_K`` divides G): exac
 
 Variants (see ``_common``): ``rows`` loads ``[BLOCK_N, BLOCK_K/16]`` code words and the metadata
 words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]`` tile in registers
-and does one dot (for decode, ``BLOCK_M <= 16``, with the spread of :func:`spread_kept_codes`); ``tile`` rebuilds the dense code tile; ``split`` (decode, needs G >= 64) decodes
-the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once and does one dot per position p; ``gemv`` (decode,
-M <= 2, on the CUDA cores) reads, per row and 32 columns, one metadata word and two code words,
-picks each kept code's column of x with selects and applies the scales to the per-group sums.
+(at ``BLOCK_M <= 16`` with :func:`spread_kept_codes`) and does one dot; ``tile`` rebuilds the dense
+code tile; ``split`` (decode, needs G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once
+and does one dot per position p; ``gemv`` (decode, M <= 2, on the CUDA cores) reads, per row and 32
+columns, one metadata word and two code words, picks each kept code's column of x with selects and
+applies the scales to the per-group sums.
 """
 import torch
 import triton
