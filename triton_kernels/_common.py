@@ -587,24 +587,34 @@ def unpack_fields(words, BITS: tl.constexpr, FIELDS: tl.constexpr):
 
 
 @triton.jit
+def lane_halves(pairs, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """The two 16-bit halves of int32 ``pairs`` as ``dtype`` (fp16, bf16) floats. ``UPCAST`` (the
+    interpreter, whose bf16 arithmetic is wrong): bf16 halves as float32 of the same value."""
+    if dtype == tl.float16:
+        lo = pairs.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    elif not UPCAST:
+        lo = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        hi = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        lo = (pairs << 16).to(tl.float32, bitcast=True)
+        hi = (pairs & -65536).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def _field_pair(words, SHIFT: tl.constexpr, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """Codes ``SHIFT/4`` and ``SHIFT/4 + 4`` of each word as exact ``dtype`` values ``code - 8``:
     one AND and one OR put both nibbles into the mantissas of a pair of 16-bit floats, the two
     halves of one 32-bit register (fp16 1024 + nibble, bf16 128 + nibble: a unit step there), and
-    one paired subtraction removes the base and the offset. ``UPCAST`` (the interpreter, whose
-    bf16 arithmetic is wrong): float32 codes instead of bf16."""
+    one paired subtraction removes the base and the offset (see :func:`lane_halves` for
+    ``UPCAST``)."""
     if dtype == tl.float16:
-        pair = ((words >> SHIFT) & 0x000F000F) | 0x64006400
-        lo = pair.to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
-        hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
-    elif dtype == tl.bfloat16 and not UPCAST:
-        pair = ((words >> SHIFT) & 0x000F000F) | 0x43004300
-        lo = pair.to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
-        hi = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+        lo, hi = lane_halves(((words >> SHIFT) & 0x000F000F) | 0x64006400, dtype, UPCAST)
+        return lo - 1032.0, hi - 1032.0
     else:
-        lo = nibble_value((words >> SHIFT) & 0xF)
-        hi = nibble_value((words >> (SHIFT + 16)) & 0xF)
-    return lo, hi
+        lo, hi = lane_halves(((words >> SHIFT) & 0x000F000F) | 0x43004300, dtype, UPCAST)
+        return lo - 136.0, hi - 136.0
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from ._common import (
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
     pow2_divisor, store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_word_fields,
     interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, word_field_code,
-    FLOAT_2_23_BITS,
+    FLOAT_2_23_BITS, lane_halves,
 )
 from .sparse24_matmul import (
     group_positions, kept_slots, meta_fields_rows,
@@ -106,34 +106,18 @@ SPREAD_CODE_BITS = {torch.float16: (0x68006800, 0x28002800), torch.bfloat16: (0x
 
 
 @triton.jit
-def _lane_halves(pairs, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """The two 16-bit halves of int32 ``pairs`` as ``dtype`` floats (bf16 under ``UPCAST``:
-    float32 of the same value, since the interpreter's bf16 arithmetic is wrong)."""
-    if dtype == tl.float16:
-        lo = pairs.to(tl.int16).to(tl.float16, bitcast=True)
-        hi = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    elif not UPCAST:
-        lo = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)
-        hi = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        lo = (pairs << 16).to(tl.float32, bitcast=True)
-        hi = (pairs & -65536).to(tl.float32, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
 def _spread_lane_pair(codes, meta, first_bits, second_bits, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """Dense positions 0-3 of two groups, one per 16-bit lane: ``codes`` holds each group's kept
     pair in bits 0-7 of its lane, ``meta`` its metadata ``i0 | i1 << 2`` in bits 11-14. Returns
     the 4 positions of the low lane's group, then the 4 of the high lane's (scaled, see above)."""
     if dtype == tl.float16:  # the second code read in place: bits 4-7 are mantissa bits in fp16
-        q0l, q0h = _lane_halves((codes & 0x000F000F) | first_bits, dtype, UPCAST)
-        q1l, q1h = _lane_halves((codes & 0x00F000F0) | second_bits, dtype, UPCAST)
+        q0l, q0h = lane_halves((codes & 0x000F000F) | first_bits, dtype, UPCAST)
+        q1l, q1h = lane_halves((codes & 0x00F000F0) | second_bits, dtype, UPCAST)
         q0l, q0h = q0l - 2064.0, q0h - 2064.0  # 2048 + 2 nib - (2048 + 16) = 2q
         q1l, q1h = q1l - 0.03515625, q1h - 0.03515625  # 2^-5 + nib 2^-11 - (2^-5 + 2^-8)
     else:
-        q0l, q0h = _lane_halves((codes & 0x000F000F) | first_bits, dtype, UPCAST)
-        q1l, q1h = _lane_halves(((codes >> 4) & 0x000F000F) | second_bits, dtype, UPCAST)
+        q0l, q0h = lane_halves((codes & 0x000F000F) | first_bits, dtype, UPCAST)
+        q1l, q1h = lane_halves(((codes >> 4) & 0x000F000F) | second_bits, dtype, UPCAST)
         q0l, q0h = q0l - 19140298416324608.0, q0h - 19140298416324608.0  # 2^54 + 2^50
         q1l, q1h = q1l - 2.4158453015843406e-13, q1h - 2.4158453015843406e-13  # 2^-42 + 2^-46
     # Bits 11-14 of ``meta`` are a0 a1 b0 b1 (i0 = a0 + 2 a1, i1 = b0 + 2 b1); in ``up`` they sit
@@ -141,12 +125,12 @@ def _spread_lane_pair(codes, meta, first_bits, second_bits, dtype: tl.constexpr,
     # i0 = 0 iff neither a bit, i0 = 1 iff a0, i0 = 2 iff a1; i1 = 1 iff not b1, 2 iff b1 and not
     # b0, 3 iff both.
     up = meta << 1
-    f0_0, f0_0h = _lane_halves(~(meta | up) & 0x10001000, dtype, UPCAST)
-    f0_1, f0_1h = _lane_halves(up & 0x10001000, dtype, UPCAST)
-    f0_2, f0_2h = _lane_halves(meta & 0x10001000, dtype, UPCAST)
-    f1_1, f1_1h = _lane_halves(~meta & 0x40004000, dtype, UPCAST)
-    f1_2, f1_2h = _lane_halves(meta & ~up & 0x40004000, dtype, UPCAST)
-    f1_3, f1_3h = _lane_halves(meta & up & 0x40004000, dtype, UPCAST)
+    f0_0, f0_0h = lane_halves(~(meta | up) & 0x10001000, dtype, UPCAST)
+    f0_1, f0_1h = lane_halves(up & 0x10001000, dtype, UPCAST)
+    f0_2, f0_2h = lane_halves(meta & 0x10001000, dtype, UPCAST)
+    f1_1, f1_1h = lane_halves(~meta & 0x40004000, dtype, UPCAST)
+    f1_2, f1_2h = lane_halves(meta & ~up & 0x40004000, dtype, UPCAST)
+    f1_3, f1_3h = lane_halves(meta & up & 0x40004000, dtype, UPCAST)
     return (q0l * f0_0, q0l * f0_1 + q1l * f1_1, q0l * f0_2 + q1l * f1_2, q1l * f1_3,
             q0h * f0_0h, q0h * f0_1h + q1h * f1_1h, q0h * f0_2h + q1h * f1_2h, q1h * f1_3h)
 
