@@ -35,9 +35,7 @@ import importlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: this benchmark compiles the kernels")
@@ -45,7 +43,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 
 from pyprune.triton_kernels import KernelConfig  # noqa: E402
-from pyprune.triton_kernels.aot_check import compile_matmul  # noqa: E402
+from pyprune.triton_kernels.aot_check import compile_matmul, cuobjdump  # noqa: E402
 
 
 KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of K, its KernelLimits at G = 128)
@@ -84,11 +82,7 @@ def wgmma_in_flight(compiled) -> int:
 
 def main_loop_ops(compiled) -> collections.Counter:
     """Opcode counts of the longest loop (backward branch) of the kernel's SASS."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    sass = cuobjdump(compiled, "-sass", check=True)
     code = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]+)?\s*(.*)", line)

@@ -96,17 +96,23 @@ def compile_other(kernel, sig, consts, arch):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
 
 
-def resource_usage(compiled) -> str:
-    """Registers, stack (where ptxas spills registers) and local memory per thread, from the
-    cubin (cuobjdump ships with Triton)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return "regs=?"
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def cuobjdump(compiled, flag: str, check: bool = False) -> str:
+    """``cuobjdump <flag>`` on the kernel's cubin (cuobjdump ships with Triton)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", out)
+        return subprocess.run([CUOBJDUMP, flag, f.name], capture_output=True, text=True, check=check).stdout
+
+
+def resource_usage(compiled) -> str:
+    """Registers, stack (where ptxas spills registers) and local memory per thread, from the
+    cubin."""
+    if not os.path.exists(CUOBJDUMP):
+        return "regs=?"
+    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", cuobjdump(compiled, "-res-usage"))
     return f"regs={m.group(1)} stack={m.group(2)} local={m.group(3)}" if m else "regs=?"
 
 
