@@ -31,6 +31,8 @@ Variants (``KernelConfig.variant``):
   takes any ``BLOCK_K``: the kernel for groups of 32.
 * ``"dense"`` (prefill, fp16): decode the weight with a Triton kernel and call ``torch.matmul``
   (cuBLAS), the fastest at very large M.
+* ``"cusparselt"`` (prefill, the 2:4 formats, fp16): assemble the kept values and cuSPARSELt's
+  metadata and multiply on the sparse tensor cores (``sparse_tensor_cores``).
 
 On a GPU the first call for a shape times a few candidate configurations (in a CUDA graph, see
 ``graph_time_ms``) and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the
@@ -46,11 +48,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import sparse_tensor_cores
+
 DECODE_MAX_M = 16
 GEMV_MAX_M = 4  # up to here the long-tile gemv candidates; above, shorter tiles (see candidate_configs)
 GEMV_MIN_BLOCK_K = 32  # smallest BLOCK_K of the "gemv" variant (for every format; not bounded by G)
 ROWS_MIN_BLOCK_K = 64  # the "rows" variant unpacks whole 2:4 metadata words (32 columns) per row
-VARIANTS = ("tile", "split", "gemv", "rows", "dense")
+VARIANTS = ("tile", "split", "gemv", "rows", "dense", sparse_tensor_cores.VARIANT)
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -68,7 +72,7 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    variant: str = "tile"  # "tile", "split" / "gemv" (decode) or "dense" (see the module docstring)
+    variant: str = "tile"  # one of VARIANTS (see the module docstring)
     fold_scales: bool = False  # "rows" of an INT4 format, fp16 only: see scaled_dot_rows
     weight_left: bool = False  # "rows": the decoded weight is the dot's left operand, see dot_rows
 
@@ -110,11 +114,13 @@ class KernelLimits:
     """What a format's kernels accept: ``block_k_max`` (BLOCK_K must divide the group size, a
     power of two <= 256), ``split_block_k`` (smallest BLOCK_K of the "split" variant: 16
     rows per field dot, i.e. 128 for INT4's 8 fields, 64 for the 4 positions of 2:4) and
-    ``scaled`` (group scales, which the "rows" variant can fold into the fp16 tile)."""
+    ``scaled`` (group scales, which the "rows" variant can fold into the fp16 tile) and
+    ``sparse24`` (a 2:4 pattern: the "cusparselt" variant applies)."""
 
     block_k_max: int
     split_block_k: int
     scaled: bool = False  # the format has group scales (INT4 formats)
+    sparse24: bool = False  # the format is 2:4 sparse (2:4, 2:4 + INT4)
     # The "gemv" variant's tuning candidates: row tiles, K tiles (the first pair is the default at
     # M <= 2) and the largest M offered. Narrow row tiles with long K runs stream best for the 2:4
     # format (measured on an H100); the INT4 formats' kernels share each column of x among the
@@ -224,6 +230,8 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 cands.append(replace(cfg, weight_left=True))
         if allow_dense:
             cands.append(replace(first, variant="dense"))
+            if limits.sparse24 and not sparse_tensor_cores.unsupported_reason(N, K, torch.float16, device):
+                cands.append(replace(first, variant=sparse_tensor_cores.VARIANT))
     seen, unique = set(), []
     for c in cands:
         if c not in seen:
@@ -308,7 +316,9 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
         raise ValueError("fold_scales needs the rows variant of a format with group scales (INT4, 2:4+INT4)")
     if cfg.weight_left and cfg.variant != "rows":
         raise ValueError(f"weight_left needs the rows variant (got variant={cfg.variant!r})")
-    if cfg.variant == "dense":
+    if cfg.variant == sparse_tensor_cores.VARIANT and not limits.sparse24:
+        raise ValueError(f"the {cfg.variant} variant needs a 2:4 format (2:4, 2:4 + INT4)")
+    if cfg.variant in ("dense", sparse_tensor_cores.VARIANT):
         return
     if cfg.variant == "gemv":
         if cfg.block_k < GEMV_MIN_BLOCK_K or cfg.block_k & (cfg.block_k - 1) or M > cfg.block_m:

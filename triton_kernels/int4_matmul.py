@@ -165,7 +165,9 @@ def _int4_dequant_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    q = int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N)
+    # Columns past K (K need not be a multiple of BLOCK_K) read the last word of the row: no load
+    # past the end of the tensor, and they are not stored.
+    q = int4_codes_tile(qw_ptr, stride_qn, tl.minimum(offs_k, K - 1), offs_n, N)
     s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
     store_weight_rows(out_ptr, q.to(tl.float32) * s.to(tl.float32), offs_k, offs_n, K, N)
 
@@ -193,11 +195,18 @@ def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
     """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
     n, k = _check_packed(qweight, scales, groupsize)
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=qweight.device)
+    dequantize_into(out, qweight, scales, groupsize)
+    return out.to(dtype)
+
+
+def dequantize_into(out, qweight, scales, groupsize: int):
+    """Write ``q * s`` into the contiguous ``out [N, K]``. Any group size dividing K (the 2:4 + INT4
+    format's kept codes use G/2)."""
+    n, k = out.shape
     bn, bk = expand_blocks()
     _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         qweight, scales, out, n, k, qweight.stride(0), scales.stride(0), groupsize, BLOCK_N=bn, BLOCK_K=bk,
     )
-    return out.to(dtype)
 
 
 def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):

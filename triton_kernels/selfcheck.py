@@ -13,6 +13,7 @@ import torch
 
 from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
 
+from . import sparse_tensor_cores
 from ._common import KernelConfig, interpreting
 from .int4_matmul import int4_matmul
 from .sparse24_int4_matmul import sparse24_int4_matmul
@@ -60,7 +61,10 @@ def main() -> int:
                KernelConfig(16, 128, 128, split_k=2, variant="rows", weight_left=True),  # fewest instructions, M <= 16
                KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", weight_left=True),
                KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
-                            weight_left=True)]
+                            weight_left=True),
+               KernelConfig(128, 128, 64, variant=sparse_tensor_cores.VARIANT)]
+    if not sparse_tensor_cores.library_available():
+        print("cuSPARSELt is not available: the cusparselt variant is not checked", flush=True)
     tuned_shape, tuned_m = (1000, 1024, 128), (1, 16, 300)
     worst, failures = 0.0, 0
     for n, k, g in (tuned_shape, (4096, 4096, 128), (384, 2048, 64)):
@@ -78,6 +82,9 @@ def main() -> int:
                         if cfg is not None and name != "2:4" and g % cfg.block_k:
                             continue
                         if cfg is not None and cfg.fold_scales and (name == "2:4" or dtype != torch.float16):
+                            continue
+                        if cfg is not None and cfg.variant == sparse_tensor_cores.VARIANT and (
+                                name == "int4" or sparse_tensor_cores.unsupported_reason(n, k, dtype, dev)):
                             continue
                         y = fn(x, b, cfg).float()
                         err = float((y - ref).norm() / ref.norm())

@@ -12,7 +12,8 @@ words (contiguous along K), spreads the kept codes into the ``[BLOCK_N, BLOCK_K]
 code tile; ``split`` (decode, needs G >= 64) decodes the ``[BLOCK_K/4, BLOCK_N]`` kept pairs once
 and does one dot per position p; ``gemv`` (decode, M <= 2, on the CUDA cores) reads, per row and 32
 columns, one metadata word and two code words, picks each kept code's column of x with selects and
-applies the scales to the per-group sums.
+applies the scales to the per-group sums. ``cusparselt`` (prefill, fp16) dequantizes the kept
+codes to ``[N, K/2]`` values and multiplies on the sparse tensor cores (``sparse_tensor_cores``).
 """
 import torch
 import triton
@@ -25,8 +26,10 @@ from ._common import (
     interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, word_field_code,
     FLOAT_2_23_BITS, lane_halves,
 )
+from . import sparse_tensor_cores
+from .int4_matmul import dequantize_into
 from .sparse24_matmul import (
-    group_positions, kept_slots, meta_fields_rows,
+    group_positions, kept_slots, meta_fields_rows, sparse24_to_dense,
 )
 
 
@@ -310,7 +313,8 @@ def _sparse24_int4_dequant_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, offs_n, N)
+    # Columns past K read the row's last words (no load past the tensor's end) and are not stored.
+    q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, tl.minimum(offs_k, K - 1), offs_n, N)
     s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
     store_weight_rows(out_ptr, q.to(tl.float32) * s.to(tl.float32), offs_k, offs_n, K, N)
 
@@ -332,7 +336,7 @@ def sparse24_int4_limits(groupsize: int) -> KernelLimits:
     # gemv: tall row tiles share each column of x among many rows of a thread (1024 rows spill
     # registers at M = 2, and with BLOCK_K = 256 at M = 1; 256 saves nothing on 512 or fewer
     # rows); above M = 2 the tensor-core kernels take fewer instructions.
-    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64, scaled=True,
+    return KernelLimits(block_k_max=pow2_divisor(groupsize, 256), split_block_k=64, scaled=True, sparse24=True,
                         gemv_block_n=(512, 1024, 256), gemv_block_k=(128,), gemv_max_m=2)
 
 
@@ -346,6 +350,17 @@ def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.
         BLOCK_N=bn, BLOCK_K=bk,
     )
     return out.to(dtype)
+
+
+def dequantize_kept_into(out, qvalues, scales, groupsize: int):
+    """Write the kept values ``q * s`` ``[N, K/2]`` into ``out``: the kept codes are an INT4 matrix
+    of the same nibble order whose scale groups hold G/2 codes."""
+    if store_dtype(out.dtype) == out.dtype:
+        dequantize_into(out, qvalues, scales, groupsize // 2)
+    else:  # bf16 under the interpreter: written in fp32, rounded by torch
+        wide = torch.empty(out.shape, dtype=store_dtype(out.dtype), device=out.device)
+        dequantize_into(wide, qvalues, scales, groupsize // 2)
+        out.copy_(wide)
 
 
 def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *, config=None):
@@ -366,6 +381,11 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
             w = sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype)
             y = torch.matmul(x2, w.t())
             return y + bias if bias is not None else y
+        if cfg.variant == sparse_tensor_cores.VARIANT:
+            return sparse_tensor_cores.sparse_matmul(
+                x2, meta, n, k, lambda out: dequantize_kept_into(out, qvalues, scales, groupsize),
+                sparse24_to_dense, bias,
+            )
         grid, y, ws = grid_and_buffers(x2, n, cfg)
         if cfg.variant == "gemv":
             _sparse24_int4_gemv_kernel[grid](

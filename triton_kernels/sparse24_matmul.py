@@ -12,12 +12,14 @@ dense ``[BLOCK_N, BLOCK_K]`` tile in registers and does one dot; ``tile`` rebuil
 once and does one dot per position p against x's columns ``4g + p``; ``gemv`` (decode, M <= 16)
 reads the kept pair of each group as one 32-bit word (``[BLOCK_N, BLOCK_K/4]``, contiguous per
 row), loads x's four columns of each group once, picks each kept value's column with selects and
-reduces on the CUDA cores.
+reduces on the CUDA cores; ``cusparselt`` (prefill, fp16) multiplies on the sparse tensor cores
+(``sparse_tensor_cores``).
 """
 import torch
 import triton
 import triton.language as tl
 
+from . import sparse_tensor_cores
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
@@ -25,7 +27,7 @@ from ._common import (
     spread_sorted_pairs, unpack_fields, gemv_masks,
 )
 
-LIMITS = KernelLimits(block_k_max=256, split_block_k=64)
+LIMITS = KernelLimits(block_k_max=256, split_block_k=64, sparse24=True)
 
 
 @triton.jit
@@ -248,6 +250,9 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
         if cfg.variant == "dense":
             y = torch.matmul(x2, sparse24_to_dense(values, meta, x2.dtype).t())
             return y + bias if bias is not None else y
+        if cfg.variant == sparse_tensor_cores.VARIANT:
+            return sparse_tensor_cores.sparse_matmul(x2, meta, n, k, lambda out: out.copy_(values),
+                                                     sparse24_to_dense, bias)
         grid, y, ws = grid_and_buffers(x2, n, cfg)
         if cfg.variant == "gemv":
             _sparse24_gemv_kernel[grid](

@@ -1,0 +1,116 @@
+"""2:4 matmul on the GPU's sparse tensor cores through cuSPARSELt: the ``"cusparselt"`` variant.
+
+At prefill the multiply is compute-bound, and only the sparse tensor cores turn the pruned half of
+a 2:4 weight into fewer multiply-adds. cuSPARSELt multiplies a compressed 2:4 matrix held in one
+buffer: the kept values ``[N, K/2]`` in row order (exactly ``values`` of
+``pyprune.formats.sparse24``), then its own metadata, whose layout is the library's.
+
+pyprune keeps its own layout (the one its Triton kernels read) and derives the library's metadata
+once per weight: a probe matrix with the weight's pattern and distinct nonzero kept values is
+compressed, the kept values at the front of the result are checked against the probe (so a
+library that stored them otherwise is refused, not misread), and the tail after them is cached on
+the weight's ``meta`` tensor (about 1 bit per weight; recomputed if ``meta`` is modified in
+place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
+codes for 2:4 + INT4), then the cached metadata. Kept values equal to zero are harmless: the
+probe's are never zero, so the metadata always names the weight's own positions.
+"""
+import torch
+
+VARIANT = "cusparselt"
+_ALIGN_M = 8  # rows of x are padded to a multiple of this (cuSPARSELt's 16-byte alignment)
+_ALIGN_NK = 16  # N and K: the smallest sparse tile of 16-bit types
+_PROBE_PERIOD = 2048  # probe values 1..2048 are exact integers in fp16 and bf16
+_CACHE_ATTR = "_pyprune_cusparselt"
+
+
+def library_available() -> bool:
+    return torch.cuda.is_available() and torch.backends.cusparselt.is_available()
+
+
+def unsupported_reason(n: int, k: int, dtype: torch.dtype, device) -> str:
+    """Why this variant cannot run for an ``[N, K]`` weight and activations of ``dtype`` on
+    ``device`` ("" if it can)."""
+    if torch.device(device).type != "cuda":
+        return f"cuSPARSELt needs a CUDA device, got {device}"
+    if not library_available():
+        return "cuSPARSELt is not available in this torch build"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "sparse tensor cores need compute capability 8.0 or newer"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"cuSPARSELt here takes float16 or bfloat16 activations, got {dtype}"
+    if n % _ALIGN_NK or k % _ALIGN_NK:
+        return f"cuSPARSELt needs N and K multiples of {_ALIGN_NK}, got N={n}, K={k}"
+    return ""
+
+
+def _compress(dense: torch.Tensor) -> torch.Tensor:
+    return torch._cslt_compress(dense)
+
+
+def _multiply(buffer: torch.Tensor, x: torch.Tensor, bias) -> torch.Tensor:
+    """``x [M, K] @ W^T`` for the compressed W in ``buffer``: W times x^T (a transposed view, no
+    copy), the result stored transposed, i.e. ``[M, N]`` row-major."""
+    return torch._cslt_sparse_mm(buffer, x.t(), bias=bias, transpose_result=True)
+
+
+def _probe_values(n: int, k: int, dtype, device) -> torch.Tensor:
+    """Distinct, nonzero kept values ``[N, K/2]`` (1..2048, repeating), so that a misplaced value
+    shows."""
+    j = torch.arange(k // 2, device=device)
+    rows = torch.arange(n, device=device)[:, None]
+    return ((j[None, :] + rows) % _PROBE_PERIOD + 1).to(dtype)
+
+
+def _library_metadata(meta: torch.Tensor, n: int, k: int, dtype, to_dense) -> tuple:
+    """(shape of the compressed buffer, the library's metadata: the buffer after the kept values)."""
+    probe = _probe_values(n, k, dtype, meta.device)
+    compressed = _compress(to_dense(probe, meta))
+    flat = compressed.reshape(-1)
+    kept = n * k // 2
+    if flat.numel() <= kept or not torch.equal(flat[:kept].view(n, k // 2), probe):
+        raise RuntimeError(
+            "cuSPARSELt's compressed buffer does not start with the kept values in row order; "
+            "the cusparselt variant cannot share pyprune's 2:4 layout with this library version"
+        )
+    return tuple(compressed.shape), flat[kept:].view(torch.int16).clone()  # bits, not numbers
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no version counter
+        return None
+
+
+def cached_metadata(meta: torch.Tensor, n: int, k: int, dtype, to_dense) -> tuple:
+    """``_library_metadata``, computed once per ``meta`` tensor, dtype and in-place version."""
+    key = (_version(meta), dtype, n, k)
+    cached = getattr(meta, _CACHE_ATTR, None)
+    if cached is None or cached[0] != key:
+        cached = (key, _library_metadata(meta, n, k, dtype, to_dense))
+        setattr(meta, _CACHE_ATTR, cached)
+    return cached[1]
+
+
+def sparse_matmul(x2, meta, n: int, k: int, fill_kept, to_dense, bias=None):
+    """``y = x2 @ W^T`` on the sparse tensor cores, ``x2 [M, K]`` fp16/bf16 contiguous.
+
+    ``fill_kept(out)`` writes the weight's kept values into ``out [N, K/2]`` (x2's dtype);
+    ``to_dense(values, meta)`` expands kept values with this pattern (for the probe).
+    """
+    reason = unsupported_reason(n, k, x2.dtype, x2.device)
+    if reason:
+        raise ValueError(f"the {VARIANT} variant cannot run: {reason}")
+    shape, library_meta = cached_metadata(meta, n, k, x2.dtype, to_dense)
+    buffer = torch.empty(shape, dtype=x2.dtype, device=x2.device)
+    flat = buffer.view(-1)
+    kept = n * k // 2
+    fill_kept(flat[:kept].view(n, k // 2))
+    flat[kept:].view(torch.int16).copy_(library_meta)
+    m = x2.shape[0]
+    pad = -m % _ALIGN_M
+    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+    if bias is not None:
+        bias = bias.to(x2.dtype)
+    y = _multiply(buffer, xp, bias)
+    return y[:m] if pad else y
