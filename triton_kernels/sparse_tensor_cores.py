@@ -6,8 +6,8 @@ buffer: the kept values ``[N, K/2]`` in row order (exactly ``values`` of
 ``pyprune.formats.sparse24``), then its own metadata, whose layout is the library's.
 
 pyprune keeps its own layout (the one its Triton kernels read) and derives the library's metadata
-once per weight: a probe matrix with the weight's pattern and distinct nonzero kept values is
-compressed, the kept values at the front of the result are checked against the probe (so a
+once per weight: a probe matrix with the weight's pattern and nonzero kept values (neighbours
+distinct) is compressed, the kept values at the front of the result are checked against the probe (so a
 library that stored them otherwise is refused, not misread), and the tail after them is cached on
 the weight's ``meta`` tensor (about 1 bit per weight; recomputed if ``meta`` is modified in
 place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
@@ -19,7 +19,7 @@ import torch
 VARIANT = "cusparselt"
 _ALIGN_M = 8  # rows of x are padded to a multiple of this (cuSPARSELt's 16-byte alignment)
 _ALIGN_NK = 16  # N and K: the smallest sparse tile of 16-bit types
-_PROBE_PERIOD = 2048  # probe values 1..2048 are exact integers in fp16 and bf16
+_PROBE_PERIOD = 256  # probe values 1..256: exact integers in fp16 and in bf16 (8 significant bits)
 _CACHE_ATTR = "_pyprune_cusparselt"
 
 
@@ -54,8 +54,8 @@ def _multiply(buffer: torch.Tensor, x: torch.Tensor, bias) -> torch.Tensor:
 
 
 def _probe_values(n: int, k: int, dtype, device) -> torch.Tensor:
-    """Distinct, nonzero kept values ``[N, K/2]`` (1..2048, repeating), so that a misplaced value
-    shows."""
+    """Nonzero kept values ``[N, K/2]`` with distinct neighbours (1..256, repeating), so that a
+    misplaced value shows."""
     j = torch.arange(k // 2, device=device)
     rows = torch.arange(n, device=device)[:, None]
     return ((j[None, :] + rows) % _PROBE_PERIOD + 1).to(dtype)
