@@ -20,6 +20,9 @@ decoded tile as the dot's right operand (the default) it goes through shared mem
 is 0; as the left operand (``weight_left``) wgmma reads it from registers, and where the dot
 accumulates across K tiles Triton splits it along K and overlaps decoding with the tensor cores.
 
+Expand (the "dense" variant, and the kept values of the 2:4 + INT4 "cusparselt" variant): the
+kernels that write a packed weight out as fp16, counted whole (they have no loop) per dense weight.
+
 Each kernel is compiled with Triton's compiler and ptxas as a launch specializes it (pointers
 16-byte aligned; N, K and strides multiples of 16), fp16 activations, G = 128, K a multiple of
 BLOCK_K; the SASS comes from ``cuobjdump -sass``, and the main loop is the longest backward branch.
@@ -43,7 +46,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 
 from pyprune.triton_kernels import KernelConfig  # noqa: E402
-from pyprune.triton_kernels.aot_check import compile_matmul, cuobjdump  # noqa: E402
+from pyprune.triton_kernels.aot_check import (  # noqa: E402
+    compile_matmul, compile_other, cuobjdump, expand_kernels, resource_usage,
+)
 
 
 KERNELS = {  # format -> (module, gemv kernel name, stored weights per column of K, its KernelLimits at G = 128)
@@ -60,6 +65,7 @@ DECODE_WARPS = 4
 # with the decoded weight as either operand of the dot.
 PREFILL_TILES = [(128, 128, 64, 3), (128, 128, 128, 3), (256, 128, 64, 3), (256, 128, 128, 2)]
 PREFILL_WARPS = 8
+EXPAND_WARPS = 4  # aot_check.compile_other's, as the wrappers launch the expand kernels
 GROUPSIZE = 128  # as aot_check.compile_matmul compiles the gemv kernels
 TENSOR_FMA_PER_CYCLE = 2048  # dense fp16 multiply-adds per cycle per SM, H100 SXM
 SCHEDULERS = 4  # warp-instructions issued per cycle per SM
@@ -80,14 +86,20 @@ def wgmma_in_flight(compiled) -> int:
     return max(waits) if waits else -1
 
 
-def main_loop_ops(compiled) -> collections.Counter:
-    """Opcode counts of the longest loop (backward branch) of the kernel's SASS."""
+def sass_code(compiled) -> list:
+    """(address, opcode, operands) of each SASS instruction of the kernel."""
     sass = cuobjdump(compiled, "-sass", check=True)
     code = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[\w.]+)?\s*(.*)", line)
         if m:
             code.append((int(m.group(1), 16), m.group(2), m.group(4)))
+    return code
+
+
+def main_loop_ops(compiled) -> collections.Counter:
+    """Opcode counts of the longest loop (backward branch) of the kernel's SASS."""
+    code = sass_code(compiled)
     loop = None
     for addr, op, args in code:
         target = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
@@ -161,18 +173,36 @@ def measure_prefill():
     return rows
 
 
+def measure_expand():
+    """The kernels that expand a packed weight to fp16 (the "dense" variant; the INT4 one also
+    writes the kept values of the 2:4 + INT4 "cusparselt" variant). They have no loop: the whole
+    kernel, per dense weight written."""
+    rows = []
+    for kernel, sig, consts in expand_kernels("fp16"):
+        compiled = compile_other(kernel, sig, consts, 90)
+        ops = collections.Counter(op for _, op, _ in sass_code(compiled) if op != "NOP")  # padding after EXIT
+        total = sum(ops.values())
+        weights = consts["BLOCK_N"] * consts["BLOCK_K"]
+        rows.append({"kernel": kernel.__name__, "block_n": consts["BLOCK_N"], "block_k": consts["BLOCK_K"],
+                     "instructions": total, "per_weight": total * 32 * EXPAND_WARPS / weights,
+                     "barriers": ops["BAR"], "shared": ops["STS"] + ops["LDS"] + ops["LDSM"],
+                     "resources": resource_usage(compiled), "top": ops.most_common(8)})
+        print(f"{kernel.__name__}: {rows[-1]['per_weight']:.2f} per weight, {rows[-1]['resources']}", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tag", default="", help="suffix of the result files, named in them (e.g. the commit whose "
                     "kernels are measured: run with that checkout first on PYTHONPATH)")
     args = ap.parse_args()
-    decode, prefill = measure_decode(), measure_prefill()
+    decode, prefill, expand = measure_decode(), measure_prefill(), measure_expand()
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "kernel_instructions" + (f"_{args.tag}" if args.tag else ""))
     meta = {"triton": triton.__version__, "arch": "sm_90", "decode_warps": DECODE_WARPS,
             "prefill_warps": PREFILL_WARPS, "groupsize": GROUPSIZE}
     with open(out + ".json", "w") as f:
-        json.dump({"meta": meta, "decode": decode, "prefill": prefill}, f, indent=1)
+        json.dump({"meta": meta, "decode": decode, "prefill": prefill, "expand": expand}, f, indent=1)
     lines = [f"# Packed-weight matmul kernels: SASS instructions in the main loop (sm_90, Triton {triton.__version__})",
              "", "`python bench/bench_kernel_instructions.py`: compiled as a launch specializes the kernels, not run "
              f"(no GPU needed). fp16 activations, G = {GROUPSIZE}." + (f" Kernels of: {args.tag}." if args.tag else ""),
@@ -202,6 +232,17 @@ def main():
                      f"{'left' if r.get('weight_left') else 'right'} | {r['instructions']} | "
                      f"{r['issue_per_tensor_cycle']:.2f} | {r['spill_instructions']} | {r.get('wgmma_in_flight', '?')} | "
                      f"{top} |")
+    lines += ["", f"## Expanding a packed weight to fp16 ({EXPAND_WARPS} warps, no loop): per dense weight written", "",
+              "The whole kernel's instructions times its threads, over the weights of its tile. Writing 2 bytes per "
+              "weight at 3 TB/s with 3.3e13 thread instructions per second leaves about 22 instructions per weight "
+              "(a little more for the packed bytes read).", "",
+              "| kernel | BLOCK_N | BLOCK_K | instructions / thread | per weight | barriers | shared-memory ops | "
+              "resources | most frequent |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in expand:
+        top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
+        lines.append(f"| {r['kernel']} | {r['block_n']} | {r['block_k']} | {r['instructions']} | {r['per_weight']:.2f} | "
+                     f"{r['barriers']} | {r['shared']} | {r['resources']} | {top} |")
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {out}.json and {out}.md")

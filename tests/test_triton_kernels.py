@@ -218,6 +218,19 @@ def test_dequantize_kernels_are_exact():
     assert torch.equal(sparse24_int4_dequantize(r.qvalues, r.meta, r.scales, 32, torch.float32), r.dense())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_kernels_round_once_to_the_output_dtype(dtype):
+    # 40 rows and (2:4) K = 96: tiles past both ends; K tiles within one group of 128 columns.
+    w = prune_2of4(torch.randn(40, 96))
+    p = pack_sparse24(w.to(dtype))
+    assert torch.equal(sparse24_to_dense(p.values, p.meta), p.unpack())
+    assert torch.equal(sparse24_to_dense(p.values, p.meta, torch.float32), p.unpack().float())
+    q = quantize_int4(torch.randn(40, 384), 128)
+    assert torch.equal(int4_dequantize(q.qweight, q.scales, 128, dtype), q.dense().to(dtype))
+    r = quantize_sparse24_int4(prune_2of4(torch.randn(40, 384)), 128)
+    assert torch.equal(sparse24_int4_dequantize(r.qvalues, r.meta, r.scales, 128, dtype), r.dense().to(dtype))
+
+
 def test_leading_dims_and_empty_input():
     q = quantize_int4(torch.randn(24, 128), 32)
     x = torch.randn(2, 3, 128).half()

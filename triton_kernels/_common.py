@@ -681,12 +681,12 @@ def expand_blocks() -> tuple:
 
 
 @triton.jit
-def store_weight_rows(out_ptr, w_t, offs_k, offs_n, K, N):
-    """Store a ``[BLOCK_K, BLOCK_N]`` tile of W^T as rows of the dense ``W [N, K]``, transposed in
-    registers first so that each row's run along K is written contiguously."""
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+def store_rows(out_ptr, w, offs_n, offs_k, N, K):
+    """Store rows ``offs_n``, columns ``offs_k`` of the dense ``W [N, K]`` from the tile ``w``
+    ``[BLOCK_N, BLOCK_K]`` (decoded along K, so each thread writes contiguous runs of a row)."""
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    tl.store(ptrs, tl.trans(w_t).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -92,7 +92,7 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
 
 
 def compile_other(kernel, sig, consts, arch):
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=launch_specialization(kernel, sig))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
 
 
@@ -114,6 +114,22 @@ def resource_usage(compiled) -> str:
         return "regs=?"
     m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", cuobjdump(compiled, "-res-usage"))
     return f"regs={m.group(1)} stack={m.group(2)} local={m.group(3)}" if m else "regs=?"
+
+
+def expand_kernels(dtype: str):
+    """(kernel, signature, constants) of the kernels that expand a packed weight to a dense one
+    with ``dtype`` ("fp16", "bf16") elements, with the tile the wrappers launch at G = 128."""
+    tile = dict(zip(("BLOCK_N", "BLOCK_K"), expand_blocks()))
+    sizes = {"N": "i32", "K": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    return [
+        (_int4_dequant_kernel, dict(sizes, qw_ptr="*i32", s_ptr="*fp16", out_ptr=f"*{dtype}", stride_qn="i32",
+                                    stride_sg="i32", GROUPSIZE="i32"), tile),
+        (_sparse24_dense_kernel, dict(sizes, pair_ptr="*i32", meta_ptr="*i32", out_ptr=f"*{dtype}", stride_pn="i32",
+                                      stride_mg="i32", VALUE_DTYPE="constexpr"),
+         dict(tile, VALUE_DTYPE={"fp16": tl.float16, "bf16": tl.bfloat16}[dtype])),
+        (_sparse24_int4_dequant_kernel, dict(sizes, qv_ptr="*i32", meta_ptr="*i32", s_ptr="*fp16", out_ptr=f"*{dtype}",
+                                             stride_qn="i32", stride_mg="i32", stride_sg="i32", GROUPSIZE="i32"), tile),
+    ]
 
 
 def representative_configs(full: bool, limits, act: str):
@@ -174,26 +190,15 @@ def main(argv=None):
                     over = shared > SHARED_LIMIT.get(arch, 232448)
                     failures += over
                     print(f"{'OVER' if over else 'ok  '} {tag}: shared={shared} {resource_usage(c)}")
-        expand_tile = dict(zip(("BLOCK_N", "BLOCK_K"), expand_blocks()))  # the sizes the wrappers launch
         others = [
             (_splitk_reduce_kernel, {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16", "MN": "i32", "N": "i32",
                                      "SPLIT_K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
              {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": 1024}),
-            (_int4_dequant_kernel, {"qw_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "K": "i32",
-                                    "stride_qn": "i32", "stride_sg": "i32", "GROUPSIZE": "i32",
-                                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, expand_tile),
-            (_sparse24_dense_kernel, {"val_ptr": "*bf16", "meta_ptr": "*i32", "out_ptr": "*bf16", "N": "i32", "K": "i32",
-                                      "stride_vn": "i32", "stride_mg": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-             expand_tile),
-            (_sparse24_int4_dequant_kernel, {"qv_ptr": "*i32", "meta_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16",
-                                             "N": "i32", "K": "i32", "stride_qn": "i32", "stride_mg": "i32",
-                                             "stride_sg": "i32", "GROUPSIZE": "i32", "BLOCK_N": "constexpr",
-                                             "BLOCK_K": "constexpr"}, expand_tile),
-        ]
+        ] + expand_kernels("fp16") + expand_kernels("bf16")
         for kernel, sig, consts in others:
             try:
                 compile_other(kernel, sig, consts, arch)
-                print(f"ok   sm_{arch} {kernel.__name__}")
+                print(f"ok   sm_{arch} {kernel.__name__} {sig['out_ptr' if 'out_ptr' in sig else 'y_ptr']}")
             except Exception as exc:  # noqa: BLE001
                 failures += 1
                 print(f"FAIL sm_{arch} {kernel.__name__}: {type(exc).__name__}: {exc}")

@@ -22,7 +22,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
-    store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
+    store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
     rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
 )
 
@@ -162,14 +162,16 @@ def _int4_dequant_kernel(
     qw_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_sg, GROUPSIZE,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Rows of the dense weight, as the rows kernels decode them: ``[BLOCK_N, BLOCK_K/8]`` words
+    loaded along K, each word's codes decoded in its thread (exact in fp16), ``q * s`` in fp32 with
+    one scale per row (``BLOCK_K`` divides the group size, so also K), stored along each row."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    # Columns past K (K need not be a multiple of BLOCK_K) read the last word of the row: no load
-    # past the end of the tensor, and they are not stored.
-    q = int4_codes_tile(qw_ptr, stride_qn, tl.minimum(offs_k, K - 1), offs_n, N)
-    s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
-    store_weight_rows(out_ptr, q.to(tl.float32) * s.to(tl.float32), offs_k, offs_n, K, N)
+    t = tl.program_id(1)
+    offs_w = t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :], mask=(offs_n < N)[:, None], other=0)
+    s = tl.load(s_ptr + (t * BLOCK_K // GROUPSIZE) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+    w = int4_words_as(words, tl.float16, False).to(tl.float32) * s.to(tl.float32)[:, None]
+    store_rows(out_ptr, w, offs_n, t * BLOCK_K + tl.arange(0, BLOCK_K), N, K)
 
 
 def _check_packed(qweight, scales, groupsize):
@@ -200,11 +202,12 @@ def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
 
 
 def dequantize_into(out, qweight, scales, groupsize: int):
-    """Write ``q * s`` into the contiguous ``out [N, K]``. Any group size dividing K (the 2:4 + INT4
-    format's kept codes use G/2)."""
+    """Write ``q * s`` into the contiguous ``out [N, K]``. Any group size dividing K that is a
+    multiple of 8 (the 2:4 + INT4 format's kept codes use G/2)."""
     n, k = out.shape
     bn, bk = expand_blocks()
-    _int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    bk = pow2_divisor(groupsize, bk)  # one scale per row of a tile
+    _int4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
         qweight, scales, out, n, k, qweight.stride(0), scales.stride(0), groupsize, BLOCK_N=bn, BLOCK_K=bk,
     )
 

@@ -22,7 +22,7 @@ import triton.language as tl
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
     rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
-    pow2_divisor, store_dtype, store_result, store_weight_rows, program_tile, expand_blocks, int4_word_fields,
+    pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_word_fields,
     interleave4, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, word_field_code,
     FLOAT_2_23_BITS, lane_halves,
 )
@@ -187,6 +187,17 @@ def spread_column_order(BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def spread_code_words(words, field, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """Dense code rows ``[R, 16W]`` (exact ``dtype`` values) from code words ``[R, W]`` and their
+    groups' metadata fields ``[R, 4W]``: field 2i of a word is group i's first kept code, field
+    2i + 1 its second, spread with selects (``spread_sorted_pairs``)."""
+    f0, f1, f2, f3, f4, f5, f6, f7 = int4_word_fields(words, dtype, UPCAST)
+    q0 = interleave4(f0, f2, f4, f6)  # [R, 4W]
+    q1 = interleave4(f1, f3, f5, f7)
+    return spread_sorted_pairs(q0, q1, field)
+
+
+@triton.jit
 def _sparse24_int4_rows_kernel(
     x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group, first_bits, second_bits,
@@ -223,12 +234,8 @@ def _sparse24_int4_rows_kernel(
                 s = s.to(tl.float32) * (1024.0 if a.dtype == tl.float16 else 281474976710656.0)  # 1 / unit
         else:
             a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
-            # Field 2i of a word is group i's first kept code, field 2i + 1 its second.
-            f0, f1, f2, f3, f4, f5, f6, f7 = int4_word_fields(words, a.dtype, UPCAST)
-            q0 = interleave4(f0, f2, f4, f6)  # [BLOCK_N, BLOCK_K / 4]
-            q1 = interleave4(f1, f3, f5, f7)
             field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-            q = spread_sorted_pairs(q0, q1, field)
+            q = spread_code_words(words, field, a.dtype, UPCAST)
         acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST, W_LEFT)
     store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
@@ -310,13 +317,16 @@ def _sparse24_int4_dequant_kernel(
     qv_ptr, meta_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_mg, stride_sg, GROUPSIZE,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Rows of the dense weight, decoded as the prefill rows kernel does (``spread_code_words``,
+    exact in fp16), ``q * s`` in fp32 with one scale per row (``BLOCK_K`` divides G)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    # Columns past K read the row's last words (no load past the tensor's end) and are not stored.
-    q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, tl.minimum(offs_k, K - 1), offs_n, N)
-    s = tl.load(s_ptr + (offs_k // GROUPSIZE)[:, None] * stride_sg + offs_n[None, :], mask=mask, other=0.0)
-    store_weight_rows(out_ptr, q.to(tl.float32) * s.to(tl.float32), offs_k, offs_n, K, N)
+    t = tl.program_id(1)
+    offs_w = t * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+    words = tl.load(qv_ptr + offs_n[:, None] * stride_qn + offs_w[None, :], mask=(offs_n < N)[:, None], other=0)
+    field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+    s = tl.load(s_ptr + (t * BLOCK_K // GROUPSIZE) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
+    w = spread_code_words(words, field, tl.float16, False).to(tl.float32) * s.to(tl.float32)[:, None]
+    store_rows(out_ptr, w, offs_n, t * BLOCK_K + tl.arange(0, BLOCK_K), N, K)
 
 
 def _check_packed(qvalues, meta, scales, groupsize):
@@ -345,7 +355,8 @@ def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.
     n, k = _check_packed(qvalues, meta, scales, groupsize)
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=qvalues.device)
     bn, bk = expand_blocks()
-    _sparse24_int4_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    bk = pow2_divisor(groupsize, bk)  # one scale per row of a tile (G is a multiple of 32)
+    _sparse24_int4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
         qvalues, meta, scales, out, n, k, qvalues.stride(0), meta.stride(0), scales.stride(0), groupsize,
         BLOCK_N=bn, BLOCK_K=bk,
     )

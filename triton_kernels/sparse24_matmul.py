@@ -23,7 +23,7 @@ from . import sparse_tensor_cores
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    store_weight_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments, rows_result,
+    store_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments, rows_result,
     spread_sorted_pairs, unpack_fields, gemv_masks,
 )
 
@@ -176,6 +176,21 @@ def _sparse24_gemv_kernel(
 
 
 @triton.jit
+def sparse24_rows_tile(pair_ptr, meta_ptr, stride_pn, stride_mg, offs_n, t, N, K,
+                       BLOCK_K: tl.constexpr, VALUE_DTYPE: tl.constexpr):
+    """Dense rows ``[BLOCK_N, BLOCK_K]`` (value dtype, 0 past K) of K tile ``t``: each group's kept
+    pair read as one word (``pair_ptr``: int32 ``[N, K/4]``, v0 in the low half) and spread to its
+    positions with the metadata, all in the thread that loaded the word."""
+    grp = t * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
+    mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
+    pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
+    v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+    v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+    field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
+    return spread_sorted_pairs(v0, v1, field)
+
+
+@triton.jit
 def _sparse24_rows_kernel(
     x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
     M, N, K, stride_xm, stride_pn, stride_mg,
@@ -185,18 +200,12 @@ def _sparse24_rows_kernel(
 ):
     """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half)."""
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_g = tl.arange(0, BLOCK_K // 4)
     acc = rows_accumulator(BLOCK_M, BLOCK_N, W_LEFT)
     start, end = k_range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K)
     for t in range(start, end):
         a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
-        grp = t * (BLOCK_K // 4) + offs_g
-        mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
-        pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
-        v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
-        acc = dot_rows(acc, a, spread_sorted_pairs(v0, v1, field), UPCAST, W_LEFT)
+        w = sparse24_rows_tile(pair_ptr, meta_ptr, stride_pn, stride_mg, offs_n, t, N, K, BLOCK_K, VALUE_DTYPE)
+        acc = dot_rows(acc, a, w, UPCAST, W_LEFT)
     store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
 
 
@@ -205,12 +214,13 @@ _VALUE_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _sparse24_dense_kernel(val_ptr, meta_ptr, out_ptr, N, K, stride_vn, stride_mg,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sparse24_dense_kernel(pair_ptr, meta_ptr, out_ptr, N, K, stride_pn, stride_mg,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VALUE_DTYPE: tl.constexpr):
+    """Rows of the dense weight, decoded as the rows kernels do (``sparse24_rows_tile``)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N)
-    store_weight_rows(out_ptr, w, offs_k, offs_n, K, N)
+    t = tl.program_id(1)
+    w = sparse24_rows_tile(pair_ptr, meta_ptr, stride_pn, stride_mg, offs_n, t, N, K, BLOCK_K, VALUE_DTYPE)
+    store_rows(out_ptr, w, offs_n, t * BLOCK_K + tl.arange(0, BLOCK_K), N, K)
 
 
 def _check_packed(values, meta):
@@ -228,8 +238,10 @@ def sparse24_to_dense(values, meta, dtype=None):
     dtype = dtype or values.dtype
     out = torch.empty((n, k), dtype=store_dtype(dtype), device=values.device)
     bn, bk = expand_blocks()
+    values = values.contiguous()
     _sparse24_dense_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        values, meta, out, n, k, values.stride(0), meta.stride(0), BLOCK_N=bn, BLOCK_K=bk,
+        values.view(torch.int32), meta, out, n, k, values.stride(0) // 2, meta.stride(0),
+        BLOCK_N=bn, BLOCK_K=bk, VALUE_DTYPE=_VALUE_DTYPES[values.dtype],
     )
     return out.to(dtype)
 
