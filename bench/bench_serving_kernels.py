@@ -10,6 +10,8 @@ GPU half (CUDA present):
      comes from HBM) are recorded in one CUDA graph, replayed, and the time divided by the number
      of calls; "eager": triton.testing.do_bench around one module call (L2 flushed between runs),
      which includes the Python launch overhead of each side. The per-shape tuner runs first.
+     At M >= 1024 the whole-weight prefill paths are also timed whatever the tuner picked:
+     expand-then-cuBLAS for every format and the sparse tensor cores (cuSPARSELt) for the 2:4 ones.
   2. End-to-end greedy decode of a LLaMA-7B-shaped model (random weights, pruned 2:4 by magnitude)
      dense fp16 vs each compressed format: tokens/s with HF generate (eager), and tokens/s of a
      single-token decode step replayed as a CUDA graph with a static KV cache (no Python overhead).
@@ -46,6 +48,10 @@ M_VALUES = [1, 4, 16, 64, 256, 2048]
 FORMATS = ["2:4", "int4", "2:4-int4"]
 GROUPSIZE = 128
 TARGETS = {"2:4": 1.5, "int4": 3.5, "2:4-int4": 5.0}  # speedup over fp16 cuBLAS at M <= 16 (H100)
+# The whole-weight prefill paths, timed at every M >= this whatever the tuner picks: expand then
+# cuBLAS ("dense") for every format, the sparse tensor cores ("cusparselt") for the 2:4 formats.
+PREFILL_PATHS_MIN_M = 1024
+PREFILL_PATHS = {"2:4": ("dense", "cusparselt"), "int4": ("dense",), "2:4-int4": ("dense", "cusparselt")}
 
 
 def prune_2of4(w: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,18 @@ def packed_bytes(fmt: str, n: int, k: int) -> int:
     """Bytes of the packed weight, from an empty module on the meta device (no allocation)."""
     layout = {"kind": fmt, "shape": [n, k], "groupsize": GROUPSIZE, "value_dtype": "float16", "bias_dtype": None}
     return MODULES[fmt].from_layout(layout, device="meta").packed().nbytes
+
+
+def forced_call(mod, x, variant):
+    """The module's matmul with its kernel variant forced (no bias: the modules here have none)."""
+    from pyprune import triton_kernels as tk
+
+    cfg = tk.KernelConfig(128, 128, 64, variant=variant)
+    if isinstance(mod, Sparse24Linear):
+        return tk.sparse24_matmul(x, mod.values, mod.meta, config=cfg)
+    if isinstance(mod, Int4Linear):
+        return tk.int4_matmul(x, mod.qweight, mod.scales, mod.groupsize, config=cfg)
+    return tk.sparse24_int4_matmul(x, mod.qvalues, mod.meta, mod.scales, mod.groupsize, config=cfg)
 
 
 def rel_err(y, ref):
@@ -116,6 +134,14 @@ def bench_kernels_gpu(shapes, m_values, partial_path=None):
                 row[f"{fmt}_eager_speedup"] = t_dense / t
                 row[f"{fmt}_rel_err"] = rel_err(y, ref)
                 row[f"{fmt}_weight_GBps"] = mod.packed().nbytes / (g * 1e-3) / 1e9
+                for variant in PREFILL_PATHS[fmt] if m >= PREFILL_PATHS_MIN_M else ():
+                    try:
+                        err = rel_err(forced_call(mod, x, variant), ref)
+                        gv = graph_time_ms([lambda mc=mc: forced_call(mc, x, variant) for mc in mod_copies[fmt]])
+                        row[f"{fmt}_{variant}"] = {"ms": gv, "speedup": g_dense / gv, "rel_err": err}
+                    except Exception as exc:  # noqa: BLE001 - reported in the results
+                        torch.cuda.synchronize()
+                        row[f"{fmt}_{variant}"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             rows.append(row)
             print(f"{name} M={m}: fp16 {g_dense:.4f} ms ({row['fp16_weight_GBps']:.0f} GB/s; eager {t_dense:.4f}) | "
                   + " | ".join(f"{f} {row[f + '_ms']:.4f} ms x{row[f + '_speedup']:.2f} "
@@ -352,6 +378,25 @@ def markdown(result) -> str:
                 out.append(f"- {f}: M <= 16 min {min(small):.2f}x / mean {statistics.mean(small):.2f}x"
                            + (f"; M = 2048 min {min(large):.2f}x" if large else "")
                            + f"; max relative error {max(r[f + '_rel_err'] for r in gpu['kernels']):.1e}")
+    paths = [r for r in gpu["kernels"] if r["M"] >= PREFILL_PATHS_MIN_M] if not isinstance(gpu, str) else []
+    if paths:
+        columns = [(f, v) for f in FORMATS for v in PREFILL_PATHS[f]]
+        out += ["", "## Whole-weight prefill paths, whatever the tuner picked (graph ms, x vs cuBLAS fp16, "
+                "relative error)", "",
+                "dense: expand the weight to fp16, then cuBLAS; cusparselt: the 2:4 formats on the sparse tensor "
+                "cores (kept values assembled with cuSPARSELt's metadata).", "",
+                "| shape | M | " + " | ".join(f"{f} {v}" for f, v in columns) + " |",
+                "|---|---|" + "---|" * len(columns)]
+
+        def cell(res):
+            if res is None:
+                return "-"
+            if "error" in res:
+                return res["error"].replace("|", "/")
+            return f"{res['ms']:.4f} ({res['speedup']:.2f}x, {res['rel_err']:.1e})"
+        for r in paths:
+            out.append(f"| {r['shape']} | {r['M']} | " + " | ".join(cell(r.get(f"{f}_{v}")) for f, v in columns) + " |")
+        out.append("")
     if not isinstance(gpu, str) and "decode" in gpu:
         out += ["", "## End-to-end greedy decode", "", gpu["decode_model"], "",
                 "| model | decoder weights | generate tok/s (x) | CUDA-graph step tok/s (x) |", "|---|---|---|---|"]
