@@ -39,6 +39,8 @@ class StandInLibrary:
     def __init__(self, swap_kept=False):
         self.swap_kept = swap_kept  # a library that orders the kept values otherwise
         self.compressions = 0
+        self.searches = []  # M of each algorithm search
+        self.algorithms = []  # the algorithm of each multiply
 
     def compress(self, dense):
         self.compressions += 1
@@ -53,7 +55,12 @@ class StandInLibrary:
         meta = (fields[..., 0] | (fields[..., 1] << 4)).to(torch.uint8)
         return torch.cat([kept.reshape(-1), meta.reshape(-1).view(dense.dtype)])
 
-    def multiply(self, buffer, x, bias):
+    def search(self, buffer, x, bias):
+        self.searches.append(x.shape[0])
+        return 3
+
+    def multiply(self, buffer, x, bias, algorithm):
+        self.algorithms.append(algorithm)
         flat = buffer.reshape(-1)
         k = x.shape[1]
         n = flat.numel() * 16 // 9 // k
@@ -71,6 +78,8 @@ def library(monkeypatch):
     lib = StandInLibrary()
     monkeypatch.setattr(sparse_tensor_cores, "_compress", lib.compress)
     monkeypatch.setattr(sparse_tensor_cores, "_multiply", lib.multiply)
+    monkeypatch.setattr(sparse_tensor_cores, "_search", lib.search)
+    monkeypatch.setattr(sparse_tensor_cores, "_ALGORITHMS", {})
     monkeypatch.setattr(sparse_tensor_cores, "unsupported_reason", lambda *args: "")
     return lib
 
@@ -121,6 +130,26 @@ def test_library_metadata_is_cached_and_follows_in_place_changes(library):
     assert library.compressions == 2
     ref = (x.float() @ other.dense().t()).half().float()
     assert relative_error(y, ref) < 1e-3
+
+
+def test_the_algorithm_is_searched_once_per_shape_and_bucket_of_m(library):
+    p = pack_sparse24(prune_2of4(torch.randn(32, 128)).half())
+    for m in (40, 64, 33, 100):  # buckets 64, 64, 64, 128 (after padding to 8 rows: 40, 64, 40, 104)
+        sparse24_matmul(torch.randn(m, 128).half(), p.values, p.meta, config=CUSPARSELT)
+    assert library.searches == [40, 104]
+    assert library.algorithms == [3, 3, 3, 3]
+
+
+def test_a_failed_search_falls_back_to_the_default_algorithm(library, monkeypatch):
+    def no_search(*args):
+        raise RuntimeError("no search in this library")
+
+    monkeypatch.setattr(sparse_tensor_cores, "_search", no_search)
+    p = pack_sparse24(prune_2of4(torch.randn(32, 128)).half())
+    x = torch.randn(40, 128).half()
+    y = sparse24_matmul(x, p.values, p.meta, config=CUSPARSELT)
+    assert library.algorithms == [0]
+    assert relative_error(y, (x.float() @ p.dense().t()).half().float()) < 1e-3
 
 
 def test_a_library_with_another_value_order_is_refused(library):

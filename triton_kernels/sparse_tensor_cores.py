@@ -12,7 +12,8 @@ library that stored them otherwise is refused, not misread), and the tail after 
 the weight's ``meta`` tensor (about 1 bit per weight; recomputed if ``meta`` is modified in
 place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
 codes for 2:4 + INT4), then the cached metadata. Kept values equal to zero are harmless: the
-probe's are never zero, so the metadata always names the weight's own positions.
+probe's are never zero, so the metadata always names the weight's own positions. cuSPARSELt's
+algorithm is searched once per shape and power-of-two bucket of M.
 """
 import torch
 
@@ -47,10 +48,32 @@ def _compress(dense: torch.Tensor) -> torch.Tensor:
     return torch._cslt_compress(dense)
 
 
-def _multiply(buffer: torch.Tensor, x: torch.Tensor, bias) -> torch.Tensor:
+def _multiply(buffer: torch.Tensor, x: torch.Tensor, bias, algorithm: int) -> torch.Tensor:
     """``x [M, K] @ W^T`` for the compressed W in ``buffer``: W times x^T (a transposed view, no
     copy), the result stored transposed, i.e. ``[M, N]`` row-major."""
-    return torch._cslt_sparse_mm(buffer, x.t(), bias=bias, transpose_result=True)
+    return torch._cslt_sparse_mm(buffer, x.t(), bias=bias, transpose_result=True, alg_id=algorithm)
+
+
+def _search(buffer: torch.Tensor, x: torch.Tensor, bias) -> int:
+    """The fastest of cuSPARSELt's algorithms for this product (it runs each of them)."""
+    return int(torch._cslt_sparse_mm_search(buffer, x.t(), bias=bias, transpose_result=True))
+
+
+_ALGORITHMS = {}  # (N, K, bucket of M, dtype, device) -> cuSPARSELt algorithm id
+
+
+def algorithm_for(buffer, x, bias, n: int, k: int) -> int:
+    """cuSPARSELt's algorithm for this shape: searched once per shape and power-of-two bucket of M
+    (its default, 0, where the search fails, and while a CUDA graph is being captured)."""
+    key = (n, k, 1 << max(0, x.shape[0] - 1).bit_length(), x.dtype, x.device)
+    if key not in _ALGORITHMS:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return 0
+        try:
+            _ALGORITHMS[key] = _search(buffer, x, bias)
+        except Exception:  # noqa: BLE001 - a library without the search: its default algorithm
+            _ALGORITHMS[key] = 0
+    return _ALGORITHMS[key]
 
 
 def _probe_values(n: int, k: int, dtype, device) -> torch.Tensor:
@@ -112,5 +135,5 @@ def sparse_matmul(x2, meta, n: int, k: int, fill_kept, to_dense, bias=None):
     xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
     if bias is not None:
         bias = bias.to(x2.dtype)
-    y = _multiply(buffer, xp, bias)
+    y = _multiply(buffer, xp, bias, algorithm_for(buffer, xp, bias, n, k))
     return y[:m] if pad else y
