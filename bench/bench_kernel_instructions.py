@@ -191,6 +191,11 @@ def measure_expand():
     return rows
 
 
+def table_section(title: str, intro: str, columns: list) -> list:
+    """Markdown lines: a section's heading, its explanation and its table's header."""
+    return ["", title, "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tag", default="", help="suffix of the result files, named in them (e.g. the commit whose "
@@ -215,16 +220,16 @@ def main():
         lines.append(f"| {r['format']} | {r['variant']} | {r['block_m']} | {r['block_n']} | {r['block_k']} | "
                      f"{r['instructions']} | {r['per_stored_weight']:.2f} | {r['i2f_per_stored_weight']:.2f} | "
                      f"{r['barriers']} | {r['spill_instructions']} | {top} |")
-    lines += ["", f"## Prefill, rows kernel ({PREFILL_WARPS} warps): issue cycles per tensor-core cycle",
-              "", f"Warp-instructions of one iteration over {SCHEDULERS} schedulers, divided by the cycles of its "
-              f"BLOCK_M x BLOCK_N x BLOCK_K multiply-adds at {TENSOR_FMA_PER_CYCLE} per cycle per SM (dense fp16 "
-              "peak). Above 1 the loop cannot keep the tensor cores busy. 'fold': group scales folded into the "
-              "fp16 tile (fp16 activations only). 'W operand': the decoded weight tile as the dot's right "
-              "operand (through shared memory) or left (wgmma reads it from registers). 'wgmma in flight': "
-              "the most wgmma groups left running at a wait (0: decoding and tensor cores take turns).", "",
-              "| format | tile (M x N x K) | stages | scales | W operand | instructions / iteration / thread | "
-              "issue / tensor cycles | spill loads + stores | wgmma in flight | most frequent |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += table_section(
+        f"## Prefill, rows kernel ({PREFILL_WARPS} warps): issue cycles per tensor-core cycle",
+        f"Warp-instructions of one iteration over {SCHEDULERS} schedulers, divided by the cycles of its "
+        f"BLOCK_M x BLOCK_N x BLOCK_K multiply-adds at {TENSOR_FMA_PER_CYCLE} per cycle per SM (dense fp16 "
+        "peak). Above 1 the loop cannot keep the tensor cores busy. 'fold': group scales folded into the "
+        "fp16 tile (fp16 activations only). 'W operand': the decoded weight tile as the dot's right "
+        "operand (through shared memory) or left (wgmma reads it from registers). 'wgmma in flight': "
+        "the most wgmma groups left running at a wait (0: decoding and tensor cores take turns).",
+        ["format", "tile (M x N x K)", "stages", "scales", "W operand", "instructions / iteration / thread",
+         "issue / tensor cycles", "spill loads + stores", "wgmma in flight", "most frequent"])
     for r in prefill:
         top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
         scales = "-" if r["format"] == "2:4" else ("folded" if r["fold_scales"] else "exact")
@@ -232,13 +237,13 @@ def main():
                      f"{'left' if r.get('weight_left') else 'right'} | {r['instructions']} | "
                      f"{r['issue_per_tensor_cycle']:.2f} | {r['spill_instructions']} | {r.get('wgmma_in_flight', '?')} | "
                      f"{top} |")
-    lines += ["", f"## Expanding a packed weight to fp16 ({EXPAND_WARPS} warps, no loop): per dense weight written", "",
-              "The whole kernel's instructions times its threads, over the weights of its tile. Writing 2 bytes per "
-              "weight at 3 TB/s with 3.3e13 thread instructions per second leaves about 22 instructions per weight "
-              "(a little more for the packed bytes read).", "",
-              "| kernel | BLOCK_N | BLOCK_K | instructions / thread | per weight | barriers | shared-memory ops | "
-              "resources | most frequent |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += table_section(
+        f"## Expanding a packed weight to fp16 ({EXPAND_WARPS} warps, no loop): per dense weight written",
+        "The whole kernel's instructions times its threads, over the weights of its tile. Writing 2 bytes per "
+        "weight at 3 TB/s with 3.3e13 thread instructions per second leaves about 22 instructions per weight "
+        "(a little more for the packed bytes read).",
+        ["kernel", "BLOCK_N", "BLOCK_K", "instructions / thread", "per weight", "barriers", "shared-memory ops",
+         "resources", "most frequent"])
     for r in expand:
         top = ", ".join(f"{op} {n}" for op, n in r["top"][:5])
         lines.append(f"| {r['kernel']} | {r['block_n']} | {r['block_k']} | {r['instructions']} | {r['per_weight']:.2f} | "
