@@ -7,10 +7,10 @@ buffer: the kept values ``[N, K/2]`` in row order (exactly ``values`` of
 
 pyprune keeps its own layout (the one its Triton kernels read) and derives the library's metadata
 once per weight: a probe matrix with the weight's pattern and nonzero kept values (neighbours
-distinct) is compressed, the kept values at the front of the result are checked against the probe (so a
-library that stored them otherwise is refused, not misread), and the tail after them is cached on
-the weight's ``meta`` tensor (about 1 bit per weight; recomputed if ``meta`` is modified in
-place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
+distinct) is compressed, the kept values at the front of the result are checked against the
+probe (so a library that stored them otherwise is refused, not misread), and the tail after them
+is cached on the weight's ``meta`` tensor (about 1 bit per weight; recomputed if ``meta`` is
+modified in place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
 codes for 2:4 + INT4), then the cached metadata. Kept values equal to zero are harmless: the
 probe's are never zero, so the metadata always names the weight's own positions. cuSPARSELt's
 algorithm is searched once per shape and power-of-two bucket of M.
