@@ -6,6 +6,7 @@ that buffer back. What is checked is pyprune's side: the metadata derived from a
 weight's pattern, its cache, the assembly of the buffer at each call, padding and bias. The
 real library runs in ``selfcheck`` on a GPU (``tests/test_triton_gpu.py``).
 """
+import gc
 import os
 
 import pytest
@@ -80,6 +81,7 @@ def library(monkeypatch):
     monkeypatch.setattr(sparse_tensor_cores, "_multiply", lib.multiply)
     monkeypatch.setattr(sparse_tensor_cores, "_search", lib.search)
     monkeypatch.setattr(sparse_tensor_cores, "_ALGORITHMS", {})
+    monkeypatch.setattr(sparse_tensor_cores, "_METADATA", {})
     monkeypatch.setattr(sparse_tensor_cores, "unsupported_reason", lambda *args: "")
     return lib
 
@@ -130,6 +132,16 @@ def test_library_metadata_is_cached_and_follows_in_place_changes(library):
     assert library.compressions == 2
     ref = (x.float() @ other.dense().t()).half().float()
     assert relative_error(y, ref) < 1e-3
+
+
+def test_the_cached_metadata_goes_with_its_tensor(library):
+    p = pack_sparse24(prune_2of4(torch.randn(32, 128)).half())
+    sparse24_matmul(torch.randn(32, 128).half(), p.values, p.meta, config=CUSPARSELT)
+    assert list(sparse_tensor_cores._METADATA) == [id(p.meta)]
+    assert not p.meta.__dict__  # nothing that torch.save would write with the tensor
+    del p
+    gc.collect()
+    assert not sparse_tensor_cores._METADATA
 
 
 def test_the_algorithm_is_searched_once_per_shape_and_bucket_of_m(library):

@@ -9,19 +9,24 @@ pyprune keeps its own layout (the one its Triton kernels read) and derives the l
 once per weight: a probe matrix with the weight's pattern and nonzero kept values (neighbours
 distinct) is compressed, the kept values at the front of the result are checked against the
 probe (so a library that stored them otherwise is refused, not misread), and the tail after them
-is cached on the weight's ``meta`` tensor (about 1 bit per weight; recomputed if ``meta`` is
-modified in place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
+is cached for the weight's ``meta`` tensor (about 1 bit per weight, freed with the tensor;
+recomputed if ``meta`` is modified in place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
 codes for 2:4 + INT4), then the cached metadata. Kept values equal to zero are harmless: the
 probe's are never zero, so the metadata always names the weight's own positions. cuSPARSELt's
 algorithm is searched once per shape and power-of-two bucket of M.
 """
+import weakref
+
 import torch
 
 VARIANT = "cusparselt"
 _ALIGN_M = 8  # rows of x are padded to a multiple of this (cuSPARSELt's 16-byte alignment)
 _ALIGN_NK = 16  # N and K: the smallest sparse tile of 16-bit types
 _PROBE_PERIOD = 256  # probe values 1..256: exact integers in fp16 and in bf16 (8 significant bits)
-_CACHE_ATTR = "_pyprune_cusparselt"
+# id(meta) -> (weak reference to meta, (in-place version, dtype, N, K), its library metadata); an
+# entry goes with its tensor. Held here, not as an attribute of the tensor, which torch.save would
+# pickle with it.
+_METADATA = {}
 
 
 def library_available() -> bool:
@@ -108,11 +113,11 @@ def _version(t: torch.Tensor):
 def cached_metadata(meta: torch.Tensor, n: int, k: int, dtype, to_dense) -> tuple:
     """``_library_metadata``, computed once per ``meta`` tensor, dtype and in-place version."""
     key = (_version(meta), dtype, n, k)
-    cached = getattr(meta, _CACHE_ATTR, None)
-    if cached is None or cached[0] != key:
-        cached = (key, _library_metadata(meta, n, k, dtype, to_dense))
-        setattr(meta, _CACHE_ATTR, cached)
-    return cached[1]
+    entry = _METADATA.get(id(meta))
+    if entry is None or entry[0]() is not meta or entry[1] != key:
+        forget = weakref.ref(meta, lambda _, i=id(meta): _METADATA.pop(i, None))
+        entry = _METADATA[id(meta)] = (forget, key, _library_metadata(meta, n, k, dtype, to_dense))
+    return entry[2]
 
 
 def sparse_matmul(x2, meta, n: int, k: int, fill_kept, to_dense, bias=None):
