@@ -3,7 +3,8 @@
 ``python -m pyprune.triton_kernels.selfcheck`` (needs CUDA; run without ``TRITON_INTERPRET``):
 for each format, activation dtype, a spread of M (decode and prefill) and every kernel variant,
 compares with ``x.float() @ W^T`` rounded to the activation dtype and prints the relative error;
-exits 1 if any exceeds 1e-3. Also exercises the tuner (``config=None``) on the first shape, at a
+exits 1 if any exceeds 1e-3. The kernels that expand a packed weight to dense must match the
+formats' exact unpacking to the last bit. Also exercises the tuner (``config=None``) on the first shape, at a
 decode, a boundary and a prefill M: each tuned call compiles and times every candidate, which
 would make the check take many minutes if done for every case.
 """
@@ -15,9 +16,9 @@ from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
 
 from . import sparse_tensor_cores
 from ._common import KernelConfig, interpreting
-from .int4_matmul import int4_matmul
-from .sparse24_int4_matmul import sparse24_int4_matmul
-from .sparse24_matmul import sparse24_matmul
+from .int4_matmul import int4_dequantize, int4_matmul
+from .sparse24_int4_matmul import sparse24_int4_dequantize, sparse24_int4_matmul
+from .sparse24_matmul import sparse24_matmul, sparse24_to_dense
 
 
 def _prune(w):
@@ -36,6 +37,27 @@ def _cases(n, k, g, dtype, device):
         ("int4", p4.dense(), lambda x, b, c: int4_matmul(x, p4.qweight, p4.scales, g, b, config=c)),
         ("2:4-int4", p244.dense(), lambda x, b, c: sparse24_int4_matmul(x, p244.qvalues, p244.meta, p244.scales, g, b, config=c)),
     ]
+
+
+def _expand_failures(n, k, g, dtype, device) -> int:
+    """The expand kernels (the dense variant's first step) against the formats' exact unpacking:
+    equal to the last bit."""
+    w = _prune(torch.randn(n, k, device=device))
+    p24 = pack_sparse24(w.to(dtype))
+    p4 = quantize_int4(torch.randn(n, k, device=device), g)
+    p244 = quantize_sparse24_int4(w, g)
+    pairs = {
+        "2:4": (sparse24_to_dense(p24.values, p24.meta), p24.dense(dtype)),
+        "int4": (int4_dequantize(p4.qweight, p4.scales, g, dtype), p4.dense().to(dtype)),
+        "2:4-int4": (sparse24_int4_dequantize(p244.qvalues, p244.meta, p244.scales, g, dtype), p244.dense().to(dtype)),
+    }
+    failures = 0
+    for name, (expanded, exact) in pairs.items():
+        if not torch.equal(expanded, exact):
+            failures += 1
+            print(f"FAIL expand {name} {dtype} n={n} k={k} g={g}: "
+                  f"{int((expanded != exact).sum())} of {exact.numel()} weights differ", flush=True)
+    return failures
 
 
 def main() -> int:
@@ -69,6 +91,7 @@ def main() -> int:
     worst, failures = 0.0, 0
     for n, k, g in (tuned_shape, (4096, 4096, 128), (384, 2048, 64)):
         for dtype in (torch.float16, torch.bfloat16):
+            failures += _expand_failures(n, k, g, dtype, dev)
             for name, dense, fn in _cases(n, k, g, dtype, dev):
                 for m in (1, 3, 16, 17, 300):
                     x = torch.randn(m, k, device=dev, dtype=dtype)
