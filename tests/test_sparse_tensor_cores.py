@@ -61,6 +61,7 @@ class StandInLibrary:
         return 3
 
     def multiply(self, buffer, x, bias, algorithm):
+        assert x.is_contiguous(), "the library reads x with a row stride of K"
         self.algorithms.append(algorithm)
         flat = buffer.reshape(-1)
         k = x.shape[1]
@@ -117,6 +118,13 @@ def test_sparse24_int4_on_the_stand_in_library(library, groupsize):
     y = sparse24_int4_matmul(x, p.qvalues, p.meta, p.scales, groupsize, config=CUSPARSELT)
     ref = (x.float() @ p.dense().t()).half().float()
     assert relative_error(y, ref) < 1e-3
+
+
+def test_rows_of_a_wider_tensor(library):
+    p = pack_sparse24(prune_2of4(torch.randn(32, 128)).half())
+    x = torch.randn(64, 384).half()[:, 100:228]  # row stride 384
+    y = sparse24_matmul(x, p.values, p.meta, config=CUSPARSELT)
+    assert relative_error(y, (x.float() @ p.dense().t()).half().float()) < 1e-3
 
 
 def test_library_metadata_is_cached_and_follows_in_place_changes(library):

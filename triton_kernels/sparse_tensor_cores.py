@@ -121,7 +121,7 @@ def cached_metadata(meta: torch.Tensor, n: int, k: int, dtype, to_dense) -> tupl
 
 
 def sparse_matmul(x2, meta, n: int, k: int, fill_kept, to_dense, bias=None):
-    """``y = x2 @ W^T`` on the sparse tensor cores, ``x2 [M, K]`` fp16/bf16 contiguous.
+    """``y = x2 @ W^T`` on the sparse tensor cores, ``x2 [M, K]`` fp16/bf16.
 
     ``fill_kept(out)`` writes the weight's kept values into ``out [N, K/2]`` (x2's dtype);
     ``to_dense(values, meta)`` expands kept values with this pattern (for the probe).
@@ -137,7 +137,8 @@ def sparse_matmul(x2, meta, n: int, k: int, fill_kept, to_dense, bias=None):
     flat[kept:].view(torch.int16).copy_(library_meta)
     m = x2.shape[0]
     pad = -m % _ALIGN_M
-    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2
+    # The library takes x's row stride to be K: rows of a wider tensor are copied.
+    xp = torch.nn.functional.pad(x2, (0, 0, 0, pad)) if pad else x2.contiguous()
     if bias is not None:
         bias = bias.to(x2.dtype)
     y = _multiply(buffer, xp, bias, algorithm_for(buffer, xp, bias, n, k))
