@@ -82,6 +82,12 @@ def test_variants_match_reference(fmt, groupsize, config):
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
 
+@pytest.mark.parametrize("fmt", ["2:4", "int4", "2:4-int4"])
+def test_dense_variant_matches_reference(fmt):
+    # The expand kernel, then torch.matmul (the tuner offers it with fp16 activations).
+    check(fmt, 33, 40, 256, 128, torch.float16, KernelConfig(128, 128, 64, variant="dense"))
+
+
 @pytest.mark.parametrize("weight_left", [False, True])
 @pytest.mark.parametrize("fmt", ["2:4", "2:4-int4"])
 def test_rows_variant_in_bf16(fmt, weight_left):
