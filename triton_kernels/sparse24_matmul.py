@@ -24,7 +24,7 @@ from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, dot_tile, finish_split_k,
     grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
     store_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments, rows_result,
-    spread_sorted_pairs, unpack_fields, gemv_masks,
+    spread_sorted_pairs, unpack_fields, gemv_masks, lane_halves,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64, sparse24=True)
@@ -165,8 +165,8 @@ def _sparse24_gemv_kernel(
         grp = t * (BLOCK_K // 4) + offs_g
         mask, x_mask = gemv_masks(offs_m, offs_n, grp, M, N, K // 4, EVEN_K)
         pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
-        v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
-        v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(tl.float32)
+        v0, v1 = lane_halves(pairs, VALUE_DTYPE, False)
+        v0, v1 = v0.to(tl.float32), v1.to(tl.float32)
         a0, a1, b0, b1 = kept_position_bits(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
         x0, x1, x2, x3 = x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask)
         total += v0[None, :, :] * pick_column(a0[None, :, :], a1[None, :, :], x0, x1, x2, x3)
@@ -184,8 +184,7 @@ def sparse24_rows_tile(pair_ptr, meta_ptr, stride_pn, stride_mg, offs_n, t, N, K
     grp = t * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)
     mask = (offs_n < N)[:, None] & (grp < K // 4)[None, :]
     pairs = tl.load(pair_ptr + offs_n[:, None] * stride_pn + grp[None, :], mask=mask, other=0)
-    v0 = pairs.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-    v1 = (pairs >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+    v0, v1 = lane_halves(pairs, VALUE_DTYPE, False)
     field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
     return spread_sorted_pairs(v0, v1, field)
 
