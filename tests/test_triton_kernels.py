@@ -13,7 +13,7 @@ from pyprune.triton_kernels import (
 )
 from pyprune.triton_kernels._common import candidate_configs, check_config
 from pyprune.triton_kernels.int4_matmul import int4_limits
-from pyprune.triton_kernels.sparse24_int4_matmul import sparse24_int4_limits
+from pyprune.triton_kernels.sparse24_int4_matmul import sparse24_int4_limits, spread_base_last
 from pyprune.triton_kernels.sparse24_matmul import LIMITS as SPARSE24_LIMITS
 
 pytestmark = pytest.mark.skipif(
@@ -94,6 +94,15 @@ def test_rows_variant_in_bf16(fmt, weight_left):
     # 2:4 values stored in bf16 are reinterpreted from their 32-bit pair words in the kernel.
     check(fmt, 5, 40, 256, 128, torch.bfloat16,
           KernelConfig(16, 16, 128, split_k=2, variant="rows", weight_left=weight_left))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse24_int4_prefill_rows_removing_the_code_base_last(dtype):
+    # BLOCK_N = 32 num_warps at BLOCK_K = 64 with exact scales (the tiles Triton cannot compile
+    # otherwise): the codes are spread with their base, removed from the whole tile after.
+    config = KernelConfig(32, 32, 64, num_warps=1, variant="rows")
+    assert spread_base_last(config)
+    check("2:4-int4", 50, 40, 256, 64, dtype, config)
 
 
 @pytest.mark.parametrize("config", [KernelConfig(32, 16, 64, group_m=2, variant="rows", fold_scales=True),

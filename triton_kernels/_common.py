@@ -612,30 +612,39 @@ def lane_halves(pairs, dtype: tl.constexpr, UPCAST: tl.constexpr):
     return lo, hi
 
 
+@triton.constexpr_function
+def int4_code_base(dtype):
+    """The 16-bit float that :func:`int4_word_fields` reads for code 8 (the value 0) before the
+    offset is removed: fp16 1024 + 8, bf16 128 + 8."""
+    return 1032.0 if dtype == tl.float16 else 136.0
+
+
 @triton.jit
-def _field_pair(words, SHIFT: tl.constexpr, dtype: tl.constexpr, UPCAST: tl.constexpr):
+def _field_pair(words, SHIFT: tl.constexpr, dtype: tl.constexpr, UPCAST: tl.constexpr, BASED: tl.constexpr):
     """Codes ``SHIFT/4`` and ``SHIFT/4 + 4`` of each word as exact ``dtype`` values ``code - 8``:
     one AND and one OR put both nibbles into the mantissas of a pair of 16-bit floats, the two
     halves of one 32-bit register (fp16 1024 + nibble, bf16 128 + nibble: a unit step there), and
     one paired subtraction removes the base and the offset (see :func:`lane_halves` for
-    ``UPCAST``)."""
+    ``UPCAST``). ``BASED``: left out, the values are ``code - 8 + int4_code_base(dtype)``."""
     if dtype == tl.float16:
         lo, hi = lane_halves(((words >> SHIFT) & 0x000F000F) | 0x64006400, dtype, UPCAST)
-        return lo - 1032.0, hi - 1032.0
     else:
         lo, hi = lane_halves(((words >> SHIFT) & 0x000F000F) | 0x43004300, dtype, UPCAST)
-        return lo - 136.0, hi - 136.0
+    if BASED:
+        return lo, hi
+    return lo - int4_code_base(dtype), hi - int4_code_base(dtype)
 
 
 @triton.jit
-def int4_word_fields(words, dtype: tl.constexpr, UPCAST: tl.constexpr):
+def int4_word_fields(words, dtype: tl.constexpr, UPCAST: tl.constexpr, BASED: tl.constexpr = False):
     """The 8 codes of each int32 word (offset binary) as exact ``dtype`` (fp16, bf16) values
-    ``code - 8``: eight ``[R, W]`` tensors, field i of every word in the i-th. About one
-    instruction per code, where shift-mask-convert per code takes several."""
-    f0, f4 = _field_pair(words, 0, dtype, UPCAST)
-    f1, f5 = _field_pair(words, 4, dtype, UPCAST)
-    f2, f6 = _field_pair(words, 8, dtype, UPCAST)
-    f3, f7 = _field_pair(words, 12, dtype, UPCAST)
+    ``code - 8`` (``BASED``: plus :func:`int4_code_base`): eight ``[R, W]`` tensors, field i of
+    every word in the i-th. About one instruction per code, where shift-mask-convert per code
+    takes several."""
+    f0, f4 = _field_pair(words, 0, dtype, UPCAST, BASED)
+    f1, f5 = _field_pair(words, 4, dtype, UPCAST, BASED)
+    f2, f6 = _field_pair(words, 8, dtype, UPCAST, BASED)
+    f3, f7 = _field_pair(words, 12, dtype, UPCAST, BASED)
     return f0, f1, f2, f3, f4, f5, f6, f7
 
 
@@ -647,17 +656,18 @@ def int4_words_as(words, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def spread_sorted_pairs(v0, v1, field):
+def spread_sorted_pairs(v0, v1, field, empty=0.0):
     """Dense rows ``[R, 4G]`` from the kept pair ``(v0, v1)`` of each group of 4 (``[R, G]``) at the
-    positions of ``field = i0 | i1 << 2``. Relies on ``i0 < i1`` (a format invariant): position 0
-    can only hold v0 and position 3 only v1, so six selects build the group."""
+    positions of ``field = i0 | i1 << 2``, ``empty`` at the pruned ones. Relies on ``i0 < i1`` (a
+    format invariant): position 0 can only hold v0 and position 3 only v1, so six selects build
+    the group."""
     i0 = field & 3
     i1 = field >> 2
-    zero = tl.zeros_like(v0)
-    h0 = tl.where(i0 == 0, v0, zero)
-    h1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-    h2 = tl.where(i1 == 2, v1, tl.where(i0 == 2, v0, zero))
-    h3 = tl.where(i1 == 3, v1, zero)
+    pruned = tl.full(v0.shape, empty, v0.dtype)
+    h0 = tl.where(i0 == 0, v0, pruned)
+    h1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, pruned))
+    h2 = tl.where(i1 == 2, v1, tl.where(i0 == 2, v0, pruned))
+    h3 = tl.where(i1 == 3, v1, pruned)
     return interleave4(h0, h1, h2, h3)
 
 

@@ -25,7 +25,7 @@ from ._common import KernelConfig, _splitk_reduce_kernel, expand_blocks  # noqa:
 from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel, _int4_gemv_kernel, int4_limits  # noqa: E402
 from .sparse24_int4_matmul import (  # noqa: E402
     _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel, _sparse24_int4_gemv_kernel,
-    sparse24_int4_limits,
+    sparse24_int4_limits, spread_base_last,
 )
 from .sparse24_matmul import (  # noqa: E402
     _KERNELS as SPARSE24_KERNELS, LIMITS as SPARSE24_LIMITS, _sparse24_dense_kernel, _sparse24_gemv_kernel,
@@ -77,7 +77,7 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         # ragged in both K and N).
         "GROUPSIZE": 128, "EVEN_K": even_k, "EVEN_N": even_k,
         "SUB_K": min(128, cfg.block_k),
-        "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left,
+        "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left, "BASE_LAST": spread_base_last(cfg),
     }
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     if "tiles_per_group" in kernel.arg_names and cfg.block_k == 128:
@@ -146,6 +146,7 @@ def representative_configs(full: bool, limits, act: str):
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="tile"),
                 KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows"),
                 KernelConfig(128, 128, 64, split_k=1, num_warps=8, num_stages=3, variant="rows"),
+                KernelConfig(64, 128, 64, num_warps=4, num_stages=3, variant="rows"),  # a row per thread
                 KernelConfig(256, 128, 128, split_k=1, num_warps=8, num_stages=2, variant="rows"),
                 KernelConfig(128, 128, 32, split_k=1, num_warps=8, num_stages=3),  # tile: groups of 32
                 KernelConfig(1, limits.gemv_block_n[0], limits.gemv_block_k[0], split_k=4, variant="gemv")]
