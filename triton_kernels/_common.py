@@ -625,7 +625,7 @@ def _field_pair(words, SHIFT: tl.constexpr, dtype: tl.constexpr, UPCAST: tl.cons
     one AND and one OR put both nibbles into the mantissas of a pair of 16-bit floats, the two
     halves of one 32-bit register (fp16 1024 + nibble, bf16 128 + nibble: a unit step there), and
     one paired subtraction removes the base and the offset (see :func:`lane_halves` for
-    ``UPCAST``). ``BASED``: left out, the values are ``code - 8 + int4_code_base(dtype)``."""
+    ``UPCAST``). ``BASED`` skips the subtraction: the values are ``code - 8 + int4_code_base(dtype)``."""
     if dtype == tl.float16:
         lo, hi = lane_halves(((words >> SHIFT) & 0x000F000F) | 0x64006400, dtype, UPCAST)
     else:

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
-    rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
+    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile,
+    finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
     pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_word_fields,
-    interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs, word_field_code,
-    FLOAT_2_23_BITS, lane_halves,
+    interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs,
+    word_field_code, FLOAT_2_23_BITS, lane_halves,
 )
 from . import sparse_tensor_cores
 from .int4_matmul import dequantize_into
