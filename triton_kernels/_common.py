@@ -394,6 +394,15 @@ def grid_and_buffers(x2, N, cfg: KernelConfig):
     return grid, y, ws
 
 
+def dense_product(x2: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+    """``x2 @ w^T`` for the "dense" variant (cuBLAS on the expanded weight), with the bias added
+    inside the GEMM: in its fp32 sum, before the one rounding to x2's dtype, as the kernels do
+    (added after, the product would be rounded twice), and with no extra pass over the output."""
+    if bias is None:
+        return torch.matmul(x2, w.t())
+    return torch.addmm(bias.to(x2.dtype), x2, w.t())
+
+
 def finish_split_k(ws, y, bias, cfg: KernelConfig, dtype: torch.dtype):
     """Reduce the split-K partials (if any) and return the output in ``dtype``."""
     if cfg.split_k > 1:

@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, finish_split_k,
-    rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, pow2_divisor,
-    store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_words_as, scaled_dot_rows,
-    rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dense_product, dot_tile,
+    finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
+    pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_words_as,
+    scaled_dot_rows, rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
 )
 
 @triton.jit
@@ -228,8 +228,7 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
         check_config(cfg, limits, m)
         check_fold(cfg, x2.dtype)
         if cfg.variant == "dense":
-            y = torch.matmul(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype).t())
-            return y + bias if bias is not None else y
+            return dense_product(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype), bias)
         grid, y, ws = grid_and_buffers(x2, n, cfg)
         if cfg.variant == "gemv":
             _int4_gemv_kernel[grid](

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile,
-    finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
-    pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_word_fields,
-    interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result, spread_sorted_pairs,
-    word_field_code, FLOAT_2_23_BITS, lane_halves,
+    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dense_product,
+    dot_tile, finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket,
+    pick_config, pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks,
+    int4_word_fields, interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result,
+    spread_sorted_pairs, word_field_code, FLOAT_2_23_BITS, lane_halves,
 )
 from . import sparse_tensor_cores
 from .int4_matmul import dequantize_into
@@ -405,9 +405,7 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
         check_config(cfg, limits, m)
         check_fold(cfg, x2.dtype)
         if cfg.variant == "dense":
-            w = sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype)
-            y = torch.matmul(x2, w.t())
-            return y + bias if bias is not None else y
+            return dense_product(x2, sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype), bias)
         if cfg.variant == sparse_tensor_cores.VARIANT:
             return sparse_tensor_cores.sparse_matmul(
                 x2, meta, n, k, lambda out: dequantize_kept_into(out, qvalues, scales, groupsize),
