@@ -49,9 +49,11 @@ FORMATS = ["2:4", "int4", "2:4-int4"]
 GROUPSIZE = 128
 TARGETS = {"2:4": 1.5, "int4": 3.5, "2:4-int4": 5.0}  # speedup over fp16 cuBLAS at M <= 16 (H100)
 # The whole-weight prefill paths, timed at every M >= this whatever the tuner picks: expand then
-# cuBLAS ("dense") for every format, the sparse tensor cores ("cusparselt") for the 2:4 formats.
+# cuBLAS for every format, at once ("dense") or in chunks of rows ("dense_chunks"), and the sparse
+# tensor cores ("cusparselt") for the 2:4 formats.
 PREFILL_PATHS_MIN_M = 1024
-PREFILL_PATHS = {"2:4": ("dense", "cusparselt"), "int4": ("dense",), "2:4-int4": ("dense", "cusparselt")}
+PREFILL_PATHS = {"2:4": ("dense", "dense_chunks", "cusparselt"), "int4": ("dense", "dense_chunks"),
+                 "2:4-int4": ("dense", "dense_chunks", "cusparselt")}
 
 
 def prune_2of4(w: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,10 @@ def packed_bytes(fmt: str, n: int, k: int) -> int:
 def forced_call(mod, x, variant):
     """The module's matmul with its kernel variant forced (no bias: the modules here have none)."""
     from pyprune import triton_kernels as tk
+    from pyprune.triton_kernels._common import dense_chunk_rows
 
-    cfg = tk.KernelConfig(128, 128, 64, variant=variant)
+    rows = dense_chunk_rows(x.shape[0], x.device) if variant == "dense_chunks" else 128
+    cfg = tk.KernelConfig(128, rows, 64, variant=variant)
     if isinstance(mod, Sparse24Linear):
         return tk.sparse24_matmul(x, mod.values, mod.meta, config=cfg)
     if isinstance(mod, Int4Linear):
@@ -136,9 +140,14 @@ def bench_kernels_gpu(shapes, m_values, partial_path=None):
                 row[f"{fmt}_weight_GBps"] = mod.packed().nbytes / (g * 1e-3) / 1e9
                 for variant in PREFILL_PATHS[fmt] if m >= PREFILL_PATHS_MIN_M else ():
                     try:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        before = torch.cuda.memory_allocated()
                         err = rel_err(forced_call(mod, x, variant), ref)
+                        peak = torch.cuda.max_memory_allocated() - before  # the output included
                         gv = graph_time_ms([lambda mc=mc: forced_call(mc, x, variant) for mc in mod_copies[fmt]])
-                        row[f"{fmt}_{variant}"] = {"ms": gv, "speedup": g_dense / gv, "rel_err": err}
+                        row[f"{fmt}_{variant}"] = {"ms": gv, "speedup": g_dense / gv, "rel_err": err,
+                                                   "peak_bytes": peak}
                     except Exception as exc:  # noqa: BLE001 - reported in the results
                         torch.cuda.synchronize()
                         row[f"{fmt}_{variant}"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
@@ -382,9 +391,10 @@ def markdown(result) -> str:
     if paths:
         columns = [(f, v) for f in FORMATS for v in PREFILL_PATHS[f]]
         out += ["", "## Whole-weight prefill paths, whatever the tuner picked (graph ms, x vs cuBLAS fp16, "
-                "relative error)", "",
-                "dense: expand the weight to fp16, then cuBLAS; cusparselt: the 2:4 formats on the sparse tensor "
-                "cores (kept values assembled with cuSPARSELt's metadata).", "",
+                "relative error, peak memory allocated by one call, its output included)", "",
+                "dense: expand the weight to fp16, then cuBLAS; dense_chunks: the same, a chunk of rows at a time "
+                "(enough rows for two waves of 128 x 128 output tiles); cusparselt: the 2:4 formats on the sparse "
+                "tensor cores (kept values assembled with cuSPARSELt's metadata).", "",
                 "| shape | M | " + " | ".join(f"{f} {v}" for f, v in columns) + " |",
                 "|---|---|" + "---|" * len(columns)]
 
@@ -393,7 +403,7 @@ def markdown(result) -> str:
                 return "-"
             if "error" in res:
                 return res["error"].replace("|", "/")
-            return f"{res['ms']:.4f} ({res['speedup']:.2f}x, {res['rel_err']:.1e})"
+            return f"{res['ms']:.4f} ({res['speedup']:.2f}x, {res['rel_err']:.1e}, {_fmt_bytes(res['peak_bytes'])})"
         for r in paths:
             out.append(f"| {r['shape']} | {r['M']} | " + " | ".join(cell(r.get(f"{f}_{v}")) for f, v in columns) + " |")
         out.append("")

@@ -1,5 +1,6 @@
 """Triton matmul kernels vs the exact dense reference (TRITON_INTERPRET=1 on CPU, set by
 conftest): every format, decode and prefill paths, every variant, fp16 and bf16 activations."""
+import importlib
 import os
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ from pyprune.triton_kernels import (
     KernelConfig, int4_dequantize, int4_matmul, sparse24_int4_dequantize, sparse24_int4_matmul,
     sparse24_matmul, sparse24_to_dense,
 )
-from pyprune.triton_kernels._common import candidate_configs, check_config
+from pyprune.triton_kernels._common import candidate_configs, check_config, dense_chunk_rows
 from pyprune.triton_kernels.int4_matmul import int4_limits
 from pyprune.triton_kernels.sparse24_int4_matmul import sparse24_int4_limits, spread_base_last
 from pyprune.triton_kernels.sparse24_matmul import LIMITS as SPARSE24_LIMITS
@@ -82,13 +83,45 @@ def test_variants_match_reference(fmt, groupsize, config):
     check(fmt, m, 24, 384, groupsize, torch.float16 if fmt != "int4" else torch.bfloat16, config)
 
 
+@pytest.mark.parametrize("config", [KernelConfig(128, 128, 64, variant="dense"),
+                                    KernelConfig(128, 16, 64, variant="dense_chunks")], ids=["whole", "chunks"])
 @pytest.mark.parametrize("fmt,dtype", [("2:4", torch.float16), ("2:4", torch.bfloat16), ("int4", torch.float16),
                                        ("2:4-int4", torch.float16)])
-def test_dense_variant_matches_reference(fmt, dtype):
+def test_dense_variants_match_reference(fmt, dtype, config):
     # The expand kernel, then cuBLAS (where the tuner offers it: the 2:4 values in the activation
-    # dtype, INT4 in fp16). The bias joins the GEMM's sum: added to the rounded product instead,
-    # bf16 is 2.9e-3 off the once-rounded reference.
-    check(fmt, 33, 40, 256, 128, dtype, KernelConfig(128, 128, 64, variant="dense"))
+    # dtype, INT4 in fp16): the whole weight at once, or 16 rows at a time (N = 40: two full
+    # chunks and a partial one). The bias joins the GEMM's sum: added to the rounded product
+    # instead, bf16 is 2.9e-3 off the once-rounded reference.
+    check(fmt, 33, 40, 256, 128, dtype, config)
+
+
+def test_dense_chunks_expand_no_more_than_a_chunk_at_a_time(monkeypatch):
+    module = importlib.import_module("pyprune.triton_kernels.sparse24_matmul")
+    expanded, expand = [], module._expand
+
+    def recording(out, values, meta):
+        expanded.append(tuple(out.shape))
+        expand(out, values, meta)
+    monkeypatch.setattr(module, "_expand", recording)
+    check("2:4", 33, 40, 256, None, torch.float16, KernelConfig(128, 16, 64, variant="dense_chunks"))
+    assert expanded == [(16, 256), (16, 256), (8, 256)]
+
+
+def test_dense_chunks_are_offered_at_prefill_where_they_split_the_weight():
+    cpu = torch.device("cpu")
+    for m in (300, 2048):
+        rows = dense_chunk_rows(m, cpu)
+        assert rows % 128 == 0 and rows * -(-m // 128) >= 2 * 8  # two waves of 128 x 128 tiles on 8 "SMs"
+        for limits in (int4_limits(128), SPARSE24_LIMITS):
+            chunks = [c for c in candidate_configs(m, 4096, 4096, limits, cpu, allow_dense=True)
+                      if c.variant == "dense_chunks"]
+            assert [c.block_n for c in chunks] == [rows]
+            assert not any(c.variant == "dense_chunks"
+                           for c in candidate_configs(m, 4096, 4096, limits, cpu, allow_dense=False))
+    # Decode, and a weight no taller than one chunk: not offered.
+    assert not any(c.variant == "dense_chunks" for c in candidate_configs(16, 4096, 4096, SPARSE24_LIMITS, cpu, True))
+    assert not any(c.variant == "dense_chunks"
+                   for c in candidate_configs(2048, dense_chunk_rows(2048, cpu), 4096, SPARSE24_LIMITS, cpu, True))
 
 
 @pytest.mark.parametrize("weight_left", [False, True])

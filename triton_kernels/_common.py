@@ -29,10 +29,14 @@ Variants (``KernelConfig.variant``):
 * ``"tile"``: the dense ``[BLOCK_K, BLOCK_N]`` tile of W^T is rebuilt in registers, each packed
   word fetched by every lane that needs one of its fields. Slower than ``rows`` on an H100 but it
   takes any ``BLOCK_K``: the kernel for groups of 32.
-* ``"dense"`` (prefill, fp16): decode the weight with a Triton kernel and call ``torch.matmul``
-  (cuBLAS), the fastest at very large M.
-* ``"cusparselt"`` (prefill, the 2:4 formats, fp16): assemble the kept values and cuSPARSELt's
-  metadata and multiply on the sparse tensor cores (``sparse_tensor_cores``).
+* ``"dense"`` (prefill; fp16, and bf16 for 2:4 values stored in bf16): decode the weight with a
+  Triton kernel and multiply with cuBLAS (bias in the GEMM), the fastest at very large M.
+* ``"dense_chunks"`` (where ``"dense"`` is offered): the same, ``BLOCK_N`` rows of the weight at a
+  time through one reused buffer (``dense_product_in_chunks``): a temporary of ``BLOCK_N x K``
+  instead of ``N x K``, which can stay in L2 between the decode and cuBLAS.
+* ``"cusparselt"`` (prefill, the 2:4 formats, where ``"dense"`` is offered): assemble the kept
+  values and cuSPARSELt's metadata and multiply on the sparse tensor cores
+  (``sparse_tensor_cores``).
 
 On a GPU the first call for a shape times a few candidate configurations (in a CUDA graph, see
 ``graph_time_ms``) and keeps the fastest; ``PYPRUNE_TRITON_TUNE=0`` skips that and uses the
@@ -54,7 +58,8 @@ DECODE_MAX_M = 16
 GEMV_MAX_M = 4  # up to here the long-tile gemv candidates; above, shorter tiles (see candidate_configs)
 GEMV_MIN_BLOCK_K = 32  # smallest BLOCK_K of the "gemv" variant (for every format; not bounded by G)
 ROWS_MIN_BLOCK_K = 64  # the "rows" variant unpacks whole 2:4 metadata words (32 columns) per row
-VARIANTS = ("tile", "split", "gemv", "rows", "dense", sparse_tensor_cores.VARIANT)
+VARIANTS = ("tile", "split", "gemv", "rows", "dense", "dense_chunks", sparse_tensor_cores.VARIANT)
+WHOLE_WEIGHT_VARIANTS = ("dense", "dense_chunks", sparse_tensor_cores.VARIANT)  # no Triton tile
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -230,6 +235,9 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
                 cands.append(replace(cfg, weight_left=True))
         if allow_dense:
             cands.append(replace(first, variant="dense"))
+            rows = dense_chunk_rows(M, device)
+            if rows < N:
+                cands.append(replace(first, variant="dense_chunks", block_n=rows))
             if limits.sparse24 and not sparse_tensor_cores.unsupported_reason(N, K, torch.float16, device):
                 cands.append(replace(first, variant=sparse_tensor_cores.VARIANT))
     seen, unique = set(), []
@@ -318,7 +326,7 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
         raise ValueError(f"weight_left needs the rows variant (got variant={cfg.variant!r})")
     if cfg.variant == sparse_tensor_cores.VARIANT and not limits.sparse24:
         raise ValueError(f"the {cfg.variant} variant needs a 2:4 format (2:4, 2:4 + INT4)")
-    if cfg.variant in ("dense", sparse_tensor_cores.VARIANT):
+    if cfg.variant in WHOLE_WEIGHT_VARIANTS:
         return
     if cfg.variant == "gemv":
         if cfg.block_k < GEMV_MIN_BLOCK_K or cfg.block_k & (cfg.block_k - 1) or M > cfg.block_m:
@@ -394,13 +402,50 @@ def grid_and_buffers(x2, N, cfg: KernelConfig):
     return grid, y, ws
 
 
-def dense_product(x2: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
-    """``x2 @ w^T`` for the "dense" variant (cuBLAS on the expanded weight), with the bias added
+def dense_product(x2: torch.Tensor, w: torch.Tensor, bias, out=None) -> torch.Tensor:
+    """``x2 @ w^T`` for the "dense" variants (cuBLAS on the expanded weight), with the bias added
     inside the GEMM: in its fp32 sum, before the one rounding to x2's dtype, as the kernels do
-    (added after, the product would be rounded twice), and with no extra pass over the output."""
+    (added after, the product would be rounded twice), and with no extra pass over the output.
+    ``out``: where to write it (a column slice of a wider output is written in place)."""
     if bias is None:
-        return torch.matmul(x2, w.t())
-    return torch.addmm(bias.to(x2.dtype), x2, w.t())
+        return torch.mm(x2, w.t(), out=out)
+    return torch.addmm(bias.to(x2.dtype), x2, w.t(), out=out)
+
+
+def expand_into(out: torch.Tensor, write) -> torch.Tensor:
+    """``out`` filled by ``write(target)``, an expand kernel's launch into a contiguous tensor of
+    ``out``'s shape: ``out`` itself, or (bf16 under the interpreter, which stores no bf16) an fp32
+    tensor then rounded into ``out`` by torch."""
+    if store_dtype(out.dtype) == out.dtype:
+        write(out)
+    else:
+        wide = torch.empty(out.shape, dtype=store_dtype(out.dtype), device=out.device)
+        write(wide)
+        out.copy_(wide)
+    return out
+
+
+def dense_chunk_rows(M: int, device, waves: int = 2) -> int:
+    """Rows of W per chunk of the "dense_chunks" variant: enough for ``waves`` waves of cuBLAS's
+    128 x 128 output tiles over the GPU's SMs at this M (fewer rows would idle SMs in every
+    chunk's GEMM), in multiples of 128."""
+    return triton.cdiv(waves * _num_sms(device), triton.cdiv(M, 128)) * 128
+
+
+def dense_product_in_chunks(x2: torch.Tensor, n: int, expand_rows, bias, rows: int) -> torch.Tensor:
+    """The "dense_chunks" variant: ``x2 @ W^T`` with W expanded ``rows`` rows at a time into one
+    reused buffer (``expand_rows(buffer, n0, n1)`` writes rows n0..n1), each chunk multiplied by
+    cuBLAS into its columns of y. The temporary weight is ``rows x K`` instead of ``N x K`` (at
+    28672 x 8192 and M = 2048 on 132 SMs: 36 MB instead of 470 MB), small enough to stay in an
+    H100's 50 MB L2 cache between the expand kernel's writes and cuBLAS's reads."""
+    m, k = x2.shape
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    buffer = torch.empty((min(rows, n), k), dtype=x2.dtype, device=x2.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = expand_rows(buffer[: n1 - n0], n0, n1)
+        dense_product(x2, w, None if bias is None else bias[n0:n1], out=y[:, n0:n1])
+    return y
 
 
 def finish_split_k(ws, y, bias, cfg: KernelConfig, dtype: torch.dtype):

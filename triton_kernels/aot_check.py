@@ -21,7 +21,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from ._common import KernelConfig, _splitk_reduce_kernel, expand_blocks  # noqa: E402
+from ._common import WHOLE_WEIGHT_VARIANTS, KernelConfig, _splitk_reduce_kernel, expand_blocks  # noqa: E402
 from .int4_matmul import _KERNELS as INT4_KERNELS, _int4_dequant_kernel, _int4_gemv_kernel, int4_limits  # noqa: E402
 from .sparse24_int4_matmul import (  # noqa: E402
     _KERNELS as SPARSE24_INT4_KERNELS, _sparse24_int4_dequant_kernel, _sparse24_int4_gemv_kernel,
@@ -161,7 +161,7 @@ def representative_configs(full: bool, limits, act: str):
         return cfgs
     cpu = torch.device("cpu")
     cfgs = [c for m in (1, 4, 16, 2048) for c in candidate_configs(m, 4096, 4096, limits, cpu, act == "fp16")]
-    return [c for c in dict.fromkeys(cfgs) if c.variant != "dense"]  # dense is cuBLAS
+    return [c for c in dict.fromkeys(cfgs) if c.variant not in WHOLE_WEIGHT_VARIANTS]  # cuBLAS, cuSPARSELt
 
 
 def main(argv=None):

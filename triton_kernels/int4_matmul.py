@@ -21,9 +21,9 @@ import triton.language as tl
 
 from ._common import (
     KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dense_product, dot_tile,
-    finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config,
-    pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks, int4_words_as,
-    scaled_dot_rows, rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
+    dense_product_in_chunks, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range,
+    load_x_tile, m_bucket, pick_config, pow2_divisor, store_result, store_rows, program_tile, expand_blocks,
+    int4_words_as, scaled_dot_rows, rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
 )
 
 @triton.jit
@@ -196,9 +196,8 @@ def int4_limits(groupsize: int) -> KernelLimits:
 def int4_dequantize(qweight, scales, groupsize: int, dtype=torch.float16):
     """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
     n, k = _check_packed(qweight, scales, groupsize)
-    out = torch.empty((n, k), dtype=store_dtype(dtype), device=qweight.device)
-    dequantize_into(out, qweight, scales, groupsize)
-    return out.to(dtype)
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    return expand_into(out, lambda target: dequantize_into(target, qweight, scales, groupsize))
 
 
 def dequantize_into(out, qweight, scales, groupsize: int):
@@ -229,6 +228,10 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
         check_fold(cfg, x2.dtype)
         if cfg.variant == "dense":
             return dense_product(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype), bias)
+        if cfg.variant == "dense_chunks":
+            return dense_product_in_chunks(x2, n, lambda out, n0, n1: expand_into(
+                out, lambda target: dequantize_into(target, qweight[n0:n1], scales[:, n0:n1], groupsize)),
+                bias, cfg.block_n)
         grid, y, ws = grid_and_buffers(x2, n, cfg)
         if cfg.variant == "gemv":
             _int4_gemv_kernel[grid](

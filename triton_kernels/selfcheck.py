@@ -85,6 +85,7 @@ def main() -> int:
                KernelConfig(256, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
                             weight_left=True),
                KernelConfig(128, 128, 64, variant="dense"),
+               KernelConfig(128, 256, 64, variant="dense_chunks"),  # 256 rows at a time, the last partial
                KernelConfig(128, 128, 64, variant=sparse_tensor_cores.VARIANT)]
     if not sparse_tensor_cores.library_available():
         print("cuSPARSELt is not available: the cusparselt variant is not checked", flush=True)
@@ -107,7 +108,8 @@ def main() -> int:
                             continue
                         if cfg is not None and cfg.fold_scales and (name == "2:4" or dtype != torch.float16):
                             continue
-                        if cfg is not None and cfg.variant == "dense" and name != "2:4" and dtype != torch.float16:
+                        if (cfg is not None and cfg.variant in ("dense", "dense_chunks") and name != "2:4"
+                                and dtype != torch.float16):
                             continue  # a weight rounded to bf16: not offered by the tuner
                         if cfg is not None and cfg.variant == sparse_tensor_cores.VARIANT and (
                                 name == "int4" or sparse_tensor_cores.unsupported_reason(n, k, dtype, dev)):

@@ -21,9 +21,9 @@ import triton.language as tl
 
 from ._common import (
     DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dense_product,
-    dot_tile, finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket,
-    pick_config, pow2_divisor, store_dtype, store_result, store_rows, program_tile, expand_blocks,
-    int4_word_fields, interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result,
+    dense_product_in_chunks, dot_tile, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting,
+    k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_result, store_rows, program_tile,
+    expand_blocks, int4_word_fields, interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result,
     spread_sorted_pairs, word_field_code, FLOAT_2_23_BITS, lane_halves,
 )
 from . import sparse_tensor_cores
@@ -369,25 +369,26 @@ def sparse24_int4_limits(groupsize: int) -> KernelLimits:
 def sparse24_int4_dequantize(qvalues, meta, scales, groupsize: int, dtype=torch.float16):
     """Dense ``[N, K]`` weight in ``dtype`` (``q * s`` in fp32, then rounded)."""
     n, k = _check_packed(qvalues, meta, scales, groupsize)
-    out = torch.empty((n, k), dtype=store_dtype(dtype), device=qvalues.device)
+    out = torch.empty((n, k), dtype=dtype, device=qvalues.device)
+    return expand_into(out, lambda target: _dequantize(target, qvalues, meta, scales, groupsize))
+
+
+def _dequantize(out, qvalues, meta, scales, groupsize: int):
+    """Launch the expand kernel: the dense rows of the packed rows given (``meta`` and ``scales``
+    with any row stride) into the contiguous ``out``."""
+    n, k = out.shape
     bn, bk = expand_blocks()
     bk = pow2_divisor(groupsize, bk)  # one scale per row of a tile (G is a multiple of 32)
     _sparse24_int4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
         qvalues, meta, scales, out, n, k, qvalues.stride(0), meta.stride(0), scales.stride(0), groupsize,
         BLOCK_N=bn, BLOCK_K=bk,
     )
-    return out.to(dtype)
 
 
 def dequantize_kept_into(out, qvalues, scales, groupsize: int):
     """Write the kept values ``q * s`` ``[N, K/2]`` into ``out``: the kept codes are an INT4 matrix
     of the same nibble order whose scale groups hold G/2 codes."""
-    if store_dtype(out.dtype) == out.dtype:
-        dequantize_into(out, qvalues, scales, groupsize // 2)
-    else:  # bf16 under the interpreter: written in fp32, rounded by torch
-        wide = torch.empty(out.shape, dtype=store_dtype(out.dtype), device=out.device)
-        dequantize_into(wide, qvalues, scales, groupsize // 2)
-        out.copy_(wide)
+    expand_into(out, lambda target: dequantize_into(target, qvalues, scales, groupsize // 2))
 
 
 def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *, config=None):
@@ -406,6 +407,10 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
         check_fold(cfg, x2.dtype)
         if cfg.variant == "dense":
             return dense_product(x2, sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype), bias)
+        if cfg.variant == "dense_chunks":
+            return dense_product_in_chunks(x2, n, lambda out, n0, n1: expand_into(
+                out, lambda target: _dequantize(target, qvalues[n0:n1], meta[:, n0:n1], scales[:, n0:n1], groupsize)),
+                bias, cfg.block_n)
         if cfg.variant == sparse_tensor_cores.VARIANT:
             return sparse_tensor_cores.sparse_matmul(
                 x2, meta, n, k, lambda out: dequantize_kept_into(out, qvalues, scales, groupsize),

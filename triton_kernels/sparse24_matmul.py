@@ -21,10 +21,10 @@ import triton.language as tl
 
 from . import sparse_tensor_cores
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dense_product, dot_tile, finish_split_k,
-    grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket, pick_config, store_dtype, store_result,
-    store_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments, rows_result,
-    spread_sorted_pairs, unpack_fields, gemv_masks, lane_halves,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, dense_product, dense_product_in_chunks,
+    dot_tile, expand_into, finish_split_k, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket,
+    pick_config, store_result, store_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments,
+    rows_result, spread_sorted_pairs, unpack_fields, gemv_masks, lane_halves,
 )
 
 LIMITS = KernelLimits(block_k_max=256, split_block_k=64, sparse24=True)
@@ -234,15 +234,19 @@ def _check_packed(values, meta):
 def sparse24_to_dense(values, meta, dtype=None):
     """Dense ``[N, K]`` weight (exact; ``dtype`` defaults to the value dtype)."""
     n, k = _check_packed(values, meta)
-    dtype = dtype or values.dtype
-    out = torch.empty((n, k), dtype=store_dtype(dtype), device=values.device)
+    out = torch.empty((n, k), dtype=dtype or values.dtype, device=values.device)
+    return expand_into(out, lambda target: _expand(target, values.contiguous(), meta))
+
+
+def _expand(out, values, meta):
+    """Launch the expand kernel: the dense rows of ``values`` (rows contiguous) and ``meta``
+    (``[K/32, rows]``, any row stride) into the contiguous ``out``."""
+    n, k = out.shape
     bn, bk = expand_blocks()
-    values = values.contiguous()
     _sparse24_dense_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         values.view(torch.int32), meta, out, n, k, values.stride(0) // 2, meta.stride(0),
         BLOCK_N=bn, BLOCK_K=bk, VALUE_DTYPE=_VALUE_DTYPES[values.dtype],
     )
-    return out.to(dtype)
 
 
 def sparse24_matmul(x, values, meta, bias=None, *, config=None):
@@ -260,6 +264,9 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
         check_config(cfg, LIMITS, m)
         if cfg.variant == "dense":
             return dense_product(x2, sparse24_to_dense(values, meta, x2.dtype), bias)
+        if cfg.variant == "dense_chunks":
+            return dense_product_in_chunks(x2, n, lambda out, n0, n1: expand_into(
+                out, lambda target: _expand(target, values[n0:n1], meta[:, n0:n1])), bias, cfg.block_n)
         if cfg.variant == sparse_tensor_cores.VARIANT:
             return sparse_tensor_cores.sparse_matmul(x2, meta, n, k, lambda out: out.copy_(values),
                                                      sparse24_to_dense, bias)
