@@ -318,8 +318,9 @@ def spread_base_last(cfg) -> bool:
     right operand and each thread holds one whole row of it (``BLOCK_N = 32 num_warps``) with
     ``BLOCK_K <= 64``: with no other elementwise operation between the spread's reshape and the
     dot, Triton (3.6 and 3.8) folds the reshape into the shared-memory layout of the operand and
-    fails to compile ("Illegal shared layout"). Elsewhere the subtraction stays on the codes,
-    where it is cheaper (4-7 % fewer instructions per iteration)."""
+    fails to compile ("Illegal shared layout"; every tile seen to fail has these traits, and
+    ``aot_check --all`` compiles every tuner candidate). Elsewhere the subtraction stays on the
+    codes, where it is cheaper (4-7 % fewer instructions per iteration)."""
     return (cfg.block_m > DECODE_MAX_M and not cfg.weight_left and not cfg.fold_scales and cfg.block_k <= 64
             and cfg.block_n == 32 * cfg.num_warps)
 
