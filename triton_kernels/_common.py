@@ -32,7 +32,7 @@ Variants (``KernelConfig.variant``):
 * ``"dense"`` (prefill; fp16, and bf16 for 2:4 values stored in bf16): decode the weight with a
   Triton kernel and multiply with cuBLAS (bias in the GEMM), the fastest at very large M.
 * ``"dense_chunks"`` (where ``"dense"`` is offered): the same, ``BLOCK_N`` rows of the weight at a
-  time through one reused buffer (``dense_product_in_chunks``): a temporary of ``BLOCK_N x K``
+  time through one reused buffer (``dense_matmul``): a temporary of ``BLOCK_N x K``
   instead of ``N x K``, which can stay in L2 between the decode and cuBLAS.
 * ``"cusparselt"`` (prefill, the 2:4 formats, where ``"dense"`` is offered): assemble the kept
   values and cuSPARSELt's metadata and multiply on the sparse tensor cores
@@ -59,7 +59,8 @@ GEMV_MAX_M = 4  # up to here the long-tile gemv candidates; above, shorter tiles
 GEMV_MIN_BLOCK_K = 32  # smallest BLOCK_K of the "gemv" variant (for every format; not bounded by G)
 ROWS_MIN_BLOCK_K = 64  # the "rows" variant unpacks whole 2:4 metadata words (32 columns) per row
 VARIANTS = ("tile", "split", "gemv", "rows", "dense", "dense_chunks", sparse_tensor_cores.VARIANT)
-WHOLE_WEIGHT_VARIANTS = ("dense", "dense_chunks", sparse_tensor_cores.VARIANT)  # no Triton tile
+DENSE_VARIANTS = ("dense", "dense_chunks")  # expand, then cuBLAS (dense_matmul)
+WHOLE_WEIGHT_VARIANTS = DENSE_VARIANTS + (sparse_tensor_cores.VARIANT,)  # no Triton tile
 TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -402,16 +403,6 @@ def grid_and_buffers(x2, N, cfg: KernelConfig):
     return grid, y, ws
 
 
-def dense_product(x2: torch.Tensor, w: torch.Tensor, bias, out=None) -> torch.Tensor:
-    """``x2 @ w^T`` for the "dense" variants (cuBLAS on the expanded weight), with the bias added
-    inside the GEMM: in its fp32 sum, before the one rounding to x2's dtype, as the kernels do
-    (added after, the product would be rounded twice), and with no extra pass over the output.
-    ``out``: where to write it (a column slice of a wider output is written in place)."""
-    if bias is None:
-        return torch.mm(x2, w.t(), out=out)
-    return torch.addmm(bias.to(x2.dtype), x2, w.t(), out=out)
-
-
 def expand_into(out: torch.Tensor, write) -> torch.Tensor:
     """``out`` filled by ``write(target)``, an expand kernel's launch into a contiguous tensor of
     ``out``'s shape: ``out`` itself, or (bf16 under the interpreter, which stores no bf16) an fp32
@@ -432,19 +423,27 @@ def dense_chunk_rows(M: int, device, waves: int = 2) -> int:
     return triton.cdiv(waves * _num_sms(device), triton.cdiv(M, 128)) * 128
 
 
-def dense_product_in_chunks(x2: torch.Tensor, n: int, expand_rows, bias, rows: int) -> torch.Tensor:
-    """The "dense_chunks" variant: ``x2 @ W^T`` with W expanded ``rows`` rows at a time into one
-    reused buffer (``expand_rows(buffer, n0, n1)`` writes rows n0..n1), each chunk multiplied by
-    cuBLAS into its columns of y. The temporary weight is ``rows x K`` instead of ``N x K`` (at
-    28672 x 8192 and M = 2048 on 132 SMs: 36 MB instead of 470 MB), small enough to stay in an
-    H100's 50 MB L2 cache between the expand kernel's writes and cuBLAS's reads."""
+def dense_matmul(cfg: KernelConfig, x2: torch.Tensor, n: int, expand_rows, bias) -> torch.Tensor:
+    """The "dense" and "dense_chunks" variants: ``x2 @ W^T`` by cuBLAS on W expanded by a Triton
+    kernel (``expand_rows(target, n0, n1)`` writes rows n0..n1 of W into the contiguous
+    ``target``), all at once ("dense") or ``cfg.block_n`` rows at a time through one reused buffer
+    ("dense_chunks"), each chunk multiplied into its columns of y. A chunk's temporary weight is
+    ``rows x K`` instead of ``N x K`` (at 28672 x 8192 and M = 2048 on 132 SMs: 36 MB instead of
+    470 MB), small enough to stay in an H100's 50 MB L2 cache between the expand kernel's writes
+    and cuBLAS's reads. The bias is added inside the GEMM: in its fp32 sum, before the one
+    rounding to x2's dtype, as the kernels do (added after, the product would be rounded twice),
+    and with no extra pass over the output."""
     m, k = x2.shape
+    rows = n if cfg.variant == "dense" else cfg.block_n
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     buffer = torch.empty((min(rows, n), k), dtype=x2.dtype, device=x2.device)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
-        w = expand_rows(buffer[: n1 - n0], n0, n1)
-        dense_product(x2, w, None if bias is None else bias[n0:n1], out=y[:, n0:n1])
+        w = expand_into(buffer[: n1 - n0], lambda target: expand_rows(target, n0, n1))
+        if bias is None:
+            torch.mm(x2, w.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1].to(x2.dtype), x2, w.t(), out=y[:, n0:n1])
     return y
 
 

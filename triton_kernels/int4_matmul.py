@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dense_product, dot_tile,
-    dense_product_in_chunks, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, DENSE_VARIANTS,
+    dense_matmul, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range,
     load_x_tile, m_bucket, pick_config, pow2_divisor, store_result, store_rows, program_tile, expand_blocks,
     int4_words_as, scaled_dot_rows, rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
 )
@@ -226,12 +226,9 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
     def launch(cfg):
         check_config(cfg, limits, m)
         check_fold(cfg, x2.dtype)
-        if cfg.variant == "dense":
-            return dense_product(x2, int4_dequantize(qweight, scales, groupsize, x2.dtype), bias)
-        if cfg.variant == "dense_chunks":
-            return dense_product_in_chunks(x2, n, lambda out, n0, n1: expand_into(
-                out, lambda target: dequantize_into(target, qweight[n0:n1], scales[:, n0:n1], groupsize)),
-                bias, cfg.block_n)
+        if cfg.variant in DENSE_VARIANTS:
+            return dense_matmul(cfg, x2, n, lambda out, n0, n1: dequantize_into(
+                out, qweight[n0:n1], scales[:, n0:n1], groupsize), bias)
         grid, y, ws = grid_and_buffers(x2, n, cfg)
         if cfg.variant == "gemv":
             _int4_gemv_kernel[grid](

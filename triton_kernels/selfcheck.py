@@ -15,7 +15,7 @@ import torch
 from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
 
 from . import sparse_tensor_cores
-from ._common import KernelConfig, interpreting
+from ._common import DENSE_VARIANTS, KernelConfig, interpreting
 from .int4_matmul import int4_dequantize, int4_matmul
 from .sparse24_int4_matmul import sparse24_int4_dequantize, sparse24_int4_matmul
 from .sparse24_matmul import sparse24_matmul, sparse24_to_dense
@@ -108,7 +108,7 @@ def main() -> int:
                             continue
                         if cfg is not None and cfg.fold_scales and (name == "2:4" or dtype != torch.float16):
                             continue
-                        if (cfg is not None and cfg.variant in ("dense", "dense_chunks") and name != "2:4"
+                        if (cfg is not None and cfg.variant in DENSE_VARIANTS and name != "2:4"
                                 and dtype != torch.float16):
                             continue  # a weight rounded to bf16: not offered by the tuner
                         if cfg is not None and cfg.variant == sparse_tensor_cores.VARIANT and (

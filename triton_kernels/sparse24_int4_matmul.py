@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dense_product,
-    dense_product_in_chunks, dot_tile, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting,
+    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, DENSE_VARIANTS,
+    dense_matmul, dot_tile, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting,
     k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_result, store_rows, program_tile,
     expand_blocks, int4_word_fields, interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result,
     spread_sorted_pairs, word_field_code, FLOAT_2_23_BITS, lane_halves,
@@ -406,12 +406,9 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
     def launch(cfg):
         check_config(cfg, limits, m)
         check_fold(cfg, x2.dtype)
-        if cfg.variant == "dense":
-            return dense_product(x2, sparse24_int4_dequantize(qvalues, meta, scales, groupsize, x2.dtype), bias)
-        if cfg.variant == "dense_chunks":
-            return dense_product_in_chunks(x2, n, lambda out, n0, n1: expand_into(
-                out, lambda target: _dequantize(target, qvalues[n0:n1], meta[:, n0:n1], scales[:, n0:n1], groupsize)),
-                bias, cfg.block_n)
+        if cfg.variant in DENSE_VARIANTS:
+            return dense_matmul(cfg, x2, n, lambda out, n0, n1: _dequantize(
+                out, qvalues[n0:n1], meta[:, n0:n1], scales[:, n0:n1], groupsize), bias)
         if cfg.variant == sparse_tensor_cores.VARIANT:
             return sparse_tensor_cores.sparse_matmul(
                 x2, meta, n, k, lambda out: dequantize_kept_into(out, qvalues, scales, groupsize),

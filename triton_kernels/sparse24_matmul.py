@@ -21,8 +21,8 @@ import triton.language as tl
 
 from . import sparse_tensor_cores
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, dense_product, dense_product_in_chunks,
-    dot_tile, expand_into, finish_split_k, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket,
+    KernelLimits, as_2d, check_activation, empty_result, check_config, DENSE_VARIANTS, dense_matmul, dot_tile,
+    expand_into, finish_split_k, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket,
     pick_config, store_result, store_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments,
     rows_result, spread_sorted_pairs, unpack_fields, gemv_masks, lane_halves,
 )
@@ -262,11 +262,8 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
 
     def launch(cfg):
         check_config(cfg, LIMITS, m)
-        if cfg.variant == "dense":
-            return dense_product(x2, sparse24_to_dense(values, meta, x2.dtype), bias)
-        if cfg.variant == "dense_chunks":
-            return dense_product_in_chunks(x2, n, lambda out, n0, n1: expand_into(
-                out, lambda target: _expand(target, values[n0:n1], meta[:, n0:n1])), bias, cfg.block_n)
+        if cfg.variant in DENSE_VARIANTS:
+            return dense_matmul(cfg, x2, n, lambda out, n0, n1: _expand(out, values[n0:n1], meta[:, n0:n1]), bias)
         if cfg.variant == sparse_tensor_cores.VARIANT:
             return sparse_tensor_cores.sparse_matmul(x2, meta, n, k, lambda out: out.copy_(values),
                                                      sparse24_to_dense, bias)
