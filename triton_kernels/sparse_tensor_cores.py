@@ -10,10 +10,11 @@ once per weight: a probe matrix with the weight's pattern and nonzero kept value
 distinct) is compressed, the kept values at the front of the result are checked against the
 probe (so a library that stored them otherwise is refused, not misread), and the tail after them
 is cached for the weight's ``meta`` tensor (about 1 bit per weight, freed with the tensor;
-recomputed if ``meta`` is modified in place). Each call then assembles the buffer: the kept values (copied for 2:4, dequantized from the
-codes for 2:4 + INT4), then the cached metadata. Kept values equal to zero are harmless: the
-probe's are never zero, so the metadata always names the weight's own positions. cuSPARSELt's
-algorithm is searched once per shape and power-of-two bucket of M.
+recomputed if ``meta`` is modified in place). Each call then assembles the buffer: the kept
+values (copied for 2:4, dequantized from the codes for 2:4 + INT4), then the cached metadata.
+Kept values equal to zero are harmless: the probe's are never zero, so the metadata always names
+the weight's own positions. cuSPARSELt's algorithm is searched once per shape and power-of-two
+bucket of M.
 """
 import weakref
 
