@@ -259,6 +259,87 @@ def test_tuner_offers_the_weight_as_left_operand(m):
                 assert c.block_n >= 64
 
 
+
+SPLIT_K_CONFIGS = [KernelConfig(16, 32, 128, split_k=2, variant="split"),
+                   KernelConfig(16, 16, 64, split_k=3, variant="tile"),
+                   KernelConfig(8, 16, 64, split_k=3, variant="gemv"),
+                   KernelConfig(16, 16, 64, split_k=3, variant="rows"),
+                   KernelConfig(16, 16, 64, split_k=3, variant="rows", weight_left=True)]
+
+
+@pytest.mark.parametrize("config", SPLIT_K_CONFIGS, ids=["split", "tile", "gemv", "rows", "rows-weight-left"])
+@pytest.mark.parametrize("fmt", ["2:4", "int4", "2:4-int4"])
+def test_split_k_summed_in_the_kernel_as_by_the_reduction_launch(fmt, config, monkeypatch):
+    # The same partials summed in the same order: bit for bit the result of the reduction launch,
+    # which does not run; every tile's counter is back to zero after each call (N = 40: two full
+    # tiles of 16 rows and a partial one).
+    common = importlib.import_module("pyprune.triton_kernels._common")
+    counters = importlib.import_module("pyprune.triton_kernels.tile_counters")
+    launches, reduce = [], common._reduce
+
+    def recording(*args):
+        launches.append(args[-1])
+        reduce(*args)
+    monkeypatch.setattr(common, "_reduce", recording)
+    n, k, g = 40, 384, 128
+    w = prune_2of4(torch.randn(n, k))
+    if fmt == "2:4":
+        p = pack_sparse24(w.half())
+        weight, run = p.values, lambda x, b, c: sparse24_matmul(x, p.values, p.meta, b, config=c)
+    elif fmt == "int4":
+        p = quantize_int4(w, g)
+        weight, run = p.qweight, lambda x, b, c: int4_matmul(x, p.qweight, p.scales, g, b, config=c)
+    else:
+        p = quantize_sparse24_int4(w, g)
+        weight, run = p.qvalues, lambda x, b, c: sparse24_int4_matmul(x, p.qvalues, p.meta, p.scales, g, b, config=c)
+    for dtype in DTYPES:
+        x, b = torch.randn(5, k).to(dtype), torch.randn(n).to(dtype)
+        by_launch = run(x, b, config)
+        assert launches == [config]
+        for _ in range(2):  # the second call finds the counters zeroed by the first
+            assert torch.equal(run(x, b, replace(config, reduce_in_kernel=True)), by_launch)
+            assert launches == [config]
+            assert not counters._COUNTERS[id(weight)][1].any()
+        launches.clear()
+
+
+def test_tile_counters_belong_to_their_weight():
+    counters = importlib.import_module("pyprune.triton_kernels.tile_counters")
+    a, b = torch.zeros(8, 4, dtype=torch.int32), torch.zeros(8, 4, dtype=torch.int32)
+    done = counters.for_weight(a, 8, 3)
+    assert done.shape == (8,) and done.dtype == torch.int32 and not done.any()
+    assert counters.for_weight(a, 8, 8) is done  # one buffer per weight, whatever the launch
+    assert counters.for_weight(b, 8, 1) is not done
+    assert counters.for_weight(a, 8, 9) is None  # more tiles than counters: the reduction launch
+    key = id(a)
+    del a
+    assert key not in counters._COUNTERS  # gone with its weight
+
+
+def test_tuner_times_the_fastest_split_tile_summing_in_the_kernel(monkeypatch):
+    # Timings are faked: the tuner's logic, not the GPU, is under test.
+    common = importlib.import_module("pyprune.triton_kernels._common")
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.setattr(common, "_num_sms", lambda device: 132)
+    gpu = type("FakeDevice", (), {"type": "cuda"})()
+    cands = candidate_configs(16, 4096, 4096, SPARSE24_LIMITS, gpu, allow_dense=False)
+    split = next(c for c in cands if c.split_k > 1)
+    whole = next(c for c in cands if c.split_k == 1)
+    for fastest, in_kernel_ms, expected in ((split, 0.5, replace(split, reduce_in_kernel=True)),
+                                           (split, 2.0, split), (whole, 0.5, whole)):
+        timed = []
+
+        def fake_time(key, cfg, launch):
+            timed.append(cfg)
+            if cfg.reduce_in_kernel:
+                return in_kernel_ms
+            return 1.0 if cfg == fastest else 3.0
+        monkeypatch.setattr(common, "_time_config", fake_time)
+        key = ("fake", id(fastest), in_kernel_ms)
+        assert common.pick_config(key, 16, 4096, 4096, SPARSE24_LIMITS, gpu, None) == expected
+        assert sum(c.reduce_in_kernel for c in timed) == (fastest.split_k > 1)
+        common._TUNED.pop(key)
+
 def test_dequantize_kernels_are_exact():
     w = prune_2of4(torch.randn(40, 256))
     p = pack_sparse24(w.half())
@@ -313,6 +394,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="fold_scales needs the rows variant of a format with group scales"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(16, 16, 32, variant="tile", fold_scales=True))
+    with pytest.raises(ValueError, match="reduce_in_kernel needs a Triton matmul variant, not 'dense'"):
+        int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
+                    config=KernelConfig(16, 16, 32, variant="dense", reduce_in_kernel=True))
     with pytest.raises(ValueError, match="weight_left needs the rows variant"):
         int4_matmul(torch.randn(2, 128).half(), q.qweight, q.scales, 32,
                     config=KernelConfig(16, 16, 32, variant="tile", weight_left=True))

@@ -6,7 +6,9 @@ weight tile in registers and accumulating in fp32. Two paths:
 
 * decode (``M <= 16``): one 16-row tile covers all of ``x``, so each packed weight byte is read
   exactly once; the K loop is split across ``split_k`` programs (GEMV style) so that enough
-  programs stream the weight, and a second tiny kernel sums the fp32 partials.
+  programs stream the weight, and a second tiny kernel sums the fp32 partials, or (a tuner
+  choice, ``KernelConfig.reduce_in_kernel``) the last program of each output tile to finish does
+  (``store_result``): one launch per product instead of two.
 * prefill (large ``M``): 2-D tiles in grouped order for L2 reuse.
 
 Variants (``KernelConfig.variant``):
@@ -52,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import sparse_tensor_cores
+from . import sparse_tensor_cores, tile_counters
 
 DECODE_MAX_M = 16
 GEMV_MAX_M = 4  # up to here the long-tile gemv candidates; above, shorter tiles (see candidate_configs)
@@ -81,6 +83,7 @@ class KernelConfig:
     variant: str = "tile"  # one of VARIANTS (see the module docstring)
     fold_scales: bool = False  # "rows" of an INT4 format, fp16 only: see scaled_dot_rows
     weight_left: bool = False  # "rows": the decoded weight is the dot's left operand, see dot_rows
+    reduce_in_kernel: bool = False  # split_k > 1: the partials summed in the kernel, see store_result
 
 
 def next_pow2(x: int) -> int:
@@ -260,7 +263,9 @@ def tuning_enabled() -> bool:
 def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=False) -> KernelConfig:
     """The configuration for this shape: fixed under the interpreter or with tuning off, else the
     fastest candidate (timed once per key and cached; candidates that fail to compile or run out
-    of shared memory are skipped)."""
+    of shared memory are skipped). Where the fastest splits K, the same tile summing its partials
+    in the kernel (``reduce_in_kernel``) is timed too: where the partials are summed does not
+    change the tile's work, so it is chosen after the tile."""
     if interpreting() or device.type != "cuda" or not tuning_enabled():
         return default_config(M, N, K, limits, device)
     with _TUNE_LOCK:
@@ -268,19 +273,29 @@ def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=
             return _TUNED[key]
         best, best_ms = None, float("inf")
         for cfg in candidate_configs(M, N, K, limits, device, allow_dense):
-            try:
-                ms = graph_time_ms([lambda: launch(cfg)] * 10)
-            except Exception:  # noqa: BLE001 - a config that does not fit this GPU is just skipped
-                torch.cuda.synchronize()
-                continue
-            if os.environ.get(TUNE_ENV) == "verbose":
-                print(f"tune {key[:5]}: {cfg} {ms * 1e3:.1f} us", flush=True)
+            ms = _time_config(key, cfg, launch)
             if ms < best_ms:
                 best, best_ms = cfg, ms
         if best is None:
             raise RuntimeError(f"no kernel configuration could run for {key}")
+        if best.split_k > 1 and best.variant not in WHOLE_WEIGHT_VARIANTS:
+            in_kernel = replace(best, reduce_in_kernel=True)
+            if _time_config(key, in_kernel, launch) < best_ms:
+                best = in_kernel
         _TUNED[key] = best
         return best
+
+
+def _time_config(key, cfg: KernelConfig, launch) -> float:
+    """GPU ms per call of ``launch(cfg)`` (infinite where it fails to compile or run)."""
+    try:
+        ms = graph_time_ms([lambda: launch(cfg)] * 10)
+    except Exception:  # noqa: BLE001 - a config that does not fit this GPU is just skipped
+        torch.cuda.synchronize()
+        return float("inf")
+    if os.environ.get(TUNE_ENV) == "verbose":
+        print(f"tune {key[:5]}: {cfg} {ms * 1e3:.1f} us", flush=True)
+    return ms
 
 
 def graph_time_ms(calls, repeats: int = 5) -> float:
@@ -325,6 +340,8 @@ def check_config(cfg: KernelConfig, limits: KernelLimits, M: int):
         raise ValueError("fold_scales needs the rows variant of a format with group scales (INT4, 2:4+INT4)")
     if cfg.weight_left and cfg.variant != "rows":
         raise ValueError(f"weight_left needs the rows variant (got variant={cfg.variant!r})")
+    if cfg.reduce_in_kernel and cfg.variant in WHOLE_WEIGHT_VARIANTS:
+        raise ValueError(f"reduce_in_kernel needs a Triton matmul variant, not {cfg.variant!r} (no split-K)")
     if cfg.variant == sparse_tensor_cores.VARIANT and not limits.sparse24:
         raise ValueError(f"the {cfg.variant} variant needs a 2:4 format (2:4, 2:4 + INT4)")
     if cfg.variant in WHOLE_WEIGHT_VARIANTS:
@@ -393,14 +410,19 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
 
 
-def grid_and_buffers(x2, N, cfg: KernelConfig):
-    """Launch grid and output buffers: with split-K the kernel writes fp32 partials
-    ``[split_k, M, N]`` that ``finish_split_k`` reduces."""
+def grid_and_buffers(x2, N, cfg: KernelConfig, weight: torch.Tensor):
+    """Launch grid, output buffers and tile counters ``(grid, y, ws, done)``. With split-K the
+    kernel writes fp32 partials ``[split_k, M, N]``, which the last program of each tile to finish
+    sums where the configuration reduces in the kernel and ``weight``'s tile counters can be used
+    (``done``; see ``tile_counters``), else ``finish_split_k`` (``done`` is None)."""
     M = x2.shape[0]
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
     y = torch.empty((M, N), dtype=store_dtype(x2.dtype), device=x2.device)
     ws = torch.empty((cfg.split_k, M, N), dtype=torch.float32, device=x2.device) if cfg.split_k > 1 else y
-    return grid, y, ws
+    done = None
+    if cfg.split_k > 1 and cfg.reduce_in_kernel:
+        done = tile_counters.for_weight(weight, N, grid[0])
+    return grid, y, ws, done
 
 
 def expand_into(out: torch.Tensor, write) -> torch.Tensor:
@@ -447,9 +469,10 @@ def dense_matmul(cfg: KernelConfig, x2: torch.Tensor, n: int, expand_rows, bias)
     return y
 
 
-def finish_split_k(ws, y, bias, cfg: KernelConfig, dtype: torch.dtype):
-    """Reduce the split-K partials (if any) and return the output in ``dtype``."""
-    if cfg.split_k > 1:
+def finish_split_k(ws, y, bias, cfg: KernelConfig, dtype: torch.dtype, done=None):
+    """Reduce the split-K partials (if any, and unless the kernel did: ``done``) and return the
+    output in ``dtype``."""
+    if cfg.split_k > 1 and done is None:
         _reduce(ws, y, bias, cfg)
     return y if y.dtype == dtype else y.to(dtype)
 
@@ -725,17 +748,39 @@ def spread_sorted_pairs(v0, v1, field, empty=0.0):
 
 
 @triton.jit
-def store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Write the tile: cast (+ bias) into y, or the fp32 partial of split ``pid_k``."""
+def store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr):
+    """Write the tile: cast (+ bias) into y, or the fp32 partial of split ``pid_k``. With
+    ``REDUCE_IN_KERNEL`` the program then counts itself done on its tile's counter (``done_ptr``,
+    indexed by program_id(0), the output tile), and the last of the tile's ``SPLIT_K`` programs
+    sums the partials in split order (as ``finish_split_k`` does: the same result, bit for bit),
+    writes y and sets the counter back to zero for the next launch. The barrier puts every
+    thread's partial before the count, whose release (acq_rel, one thread) publishes them to the
+    GPU; the last program's acquire and the loads through L2 (``.cg``) read them back."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _store_output(acc, y_ptr, bias_ptr, offs_n, rows, mask, N, HAS_BIAS)
     else:
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + rows, acc, mask=mask)
+        plane = tl.cast(M, tl.int64) * N  # one split's partials
+        tl.store(ws_ptr + pid_k * plane + rows, acc, mask=mask)
+        if REDUCE_IN_KERNEL:
+            tl.debug_barrier()
+            counter = done_ptr + tl.program_id(0)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(ws_ptr + s * plane + rows, mask=mask, other=0.0, cache_modifier=".cg")
+                _store_output(total, y_ptr, bias_ptr, offs_n, rows, mask, N, HAS_BIAS)
+                tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _store_output(acc, y_ptr, bias_ptr, offs_n, rows, mask, N, HAS_BIAS: tl.constexpr):
+    """``acc`` (+ bias, in fp32) rounded once into y."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def expand_blocks() -> tuple:

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("aot_check: unset TRITON_INTERPRET (kernels must be JIT functions, not interpreted)")
@@ -79,6 +80,10 @@ def compile_matmul(kernel, cfg: KernelConfig, act: str, arch: int, value: str = 
         "SUB_K": min(128, cfg.block_k),
         "FOLD_SCALES": cfg.fold_scales, "W_LEFT": cfg.weight_left, "BASE_LAST": spread_base_last(cfg),
     }
+    # Tile counters are passed only where the kernel sums the split-K partials (None otherwise).
+    consts["REDUCE_IN_KERNEL"] = cfg.reduce_in_kernel and cfg.split_k > 1
+    if not consts["REDUCE_IN_KERNEL"]:
+        sig["done_ptr"], consts["done_ptr"] = "constexpr", None
     consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     if "tiles_per_group" in kernel.arg_names and cfg.block_k == 128:
         # One K tile per group of 128: a launch passes 1, which Triton specializes as a constant.
@@ -154,6 +159,11 @@ def representative_configs(full: bool, limits, act: str):
             cfgs.append(KernelConfig(16, 8, 256, split_k=4, num_warps=4, num_stages=3, variant="gemv"))
         cfgs += [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows", weight_left=True),
                  KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", weight_left=True)]
+        # Split-K partials summed in the kernel (the tuner's second pass), on the CUDA and tensor cores.
+        cfgs += [KernelConfig(16, 64, 128, split_k=4, num_warps=4, num_stages=3, variant="rows", weight_left=True,
+                              reduce_in_kernel=True),
+                 KernelConfig(1, limits.gemv_block_n[0], limits.gemv_block_k[0], split_k=4, variant="gemv",
+                              reduce_in_kernel=True)]
         if scaled and act == "fp16":
             cfgs += [KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True),
                      KernelConfig(128, 128, 64, num_warps=8, num_stages=3, variant="rows", fold_scales=True,
@@ -161,7 +171,8 @@ def representative_configs(full: bool, limits, act: str):
         return cfgs
     cpu = torch.device("cpu")
     cfgs = [c for m in (1, 4, 16, 2048) for c in candidate_configs(m, 4096, 4096, limits, cpu, act == "fp16")]
-    return [c for c in dict.fromkeys(cfgs) if c.variant not in WHOLE_WEIGHT_VARIANTS]  # cuBLAS, cuSPARSELt
+    cfgs = [c for c in dict.fromkeys(cfgs) if c.variant not in WHOLE_WEIGHT_VARIANTS]  # cuBLAS, cuSPARSELt
+    return cfgs + [replace(c, reduce_in_kernel=True) for c in cfgs if c.split_k > 1]  # the tuner's second pass
 
 
 def main(argv=None):

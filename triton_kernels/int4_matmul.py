@@ -37,10 +37,11 @@ def int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N):
 
 @triton.jit
 def _int4_tile_kernel(
-    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -51,15 +52,17 @@ def _int4_tile_kernel(
         q = int4_codes_tile(qw_ptr, stride_qn, offs_k, offs_n, N)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
         acc += dot_tile(a, q, UPCAST) * s.to(tl.float32)[None, :]
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
 def _int4_split_kernel(
-    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
@@ -78,15 +81,17 @@ def _int4_split_kernel(
             part += dot_tile(a, q, UPCAST)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
         acc += part * s.to(tl.float32)[None, :]
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
 def _int4_rows_kernel(
-    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
     FOLD_SCALES: tl.constexpr, W_LEFT: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -100,16 +105,17 @@ def _int4_rows_kernel(
         q = int4_words_as(words, a.dtype, UPCAST)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
         acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST, W_LEFT)
-    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qw_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_sg, magic,
     GROUPSIZE: tl.constexpr, SUB_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
 ):
     """Decode on the CUDA cores, counted in instructions per weight (the limit at M = 1).
 
@@ -151,7 +157,8 @@ def _int4_gemv_kernel(
             total += part * s.to(tl.float32)[None, :, None]
     # Reduced over the words once, after the loop: no cross-lane sums per tile.
     acc = tl.sum(total, axis=2)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 _KERNELS = {"tile": _int4_tile_kernel, "split": _int4_split_kernel, "rows": _int4_rows_kernel}
@@ -229,25 +236,27 @@ def int4_matmul(x, qweight, scales, groupsize: int, bias=None, *, config=None):
         if cfg.variant in DENSE_VARIANTS:
             return dense_matmul(cfg, x2, n, lambda out, n0, n1: dequantize_into(
                 out, qweight[n0:n1], scales[:, n0:n1], groupsize), bias)
-        grid, y, ws = grid_and_buffers(x2, n, cfg)
+        grid, y, ws, done = grid_and_buffers(x2, n, cfg, qweight)
         if cfg.variant == "gemv":
             _int4_gemv_kernel[grid](
-                x2, qweight, scales, bias if bias is not None else y, y, ws,
+                x2, qweight, scales, bias if bias is not None else y, y, ws, done,
                 m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), FLOAT_2_23_BITS,
                 GROUPSIZE=groupsize, SUB_K=pow2_divisor(groupsize, cfg.block_k), BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                REDUCE_IN_KERNEL=done is not None,
                 EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            return finish_split_k(ws, y, bias, cfg, x2.dtype)
+            return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
         _KERNELS[cfg.variant][grid](
-            x2, qweight, scales, bias if bias is not None else y, y, ws,
+            x2, qweight, scales, bias if bias is not None else y, y, ws, done,
             m, n, k, x2.stride(0), qweight.stride(0), scales.stride(0), groupsize // cfg.block_k,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            REDUCE_IN_KERNEL=done is not None,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, limits),
         )
-        return finish_split_k(ws, y, bias, cfg, x2.dtype)
+        return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
 
     if config is None:
         key = ("int4", m_bucket(m), n, k, groupsize, x2.dtype, x2.device)

@@ -4,17 +4,19 @@
 for each format, activation dtype, a spread of M (decode and prefill) and every kernel variant,
 compares with ``x.float() @ W^T`` rounded to the activation dtype and prints the relative error;
 exits 1 if any exceeds 1e-3. The kernels that expand a packed weight to dense must match the
-formats' exact unpacking to the last bit. Also exercises the tuner (``config=None``) on the first shape, at a
-decode, a boundary and a prefill M: each tuned call compiles and times every candidate, which
-would make the check take many minutes if done for every case.
+formats' exact unpacking to the last bit, and split-K partials summed in the kernel must match
+the reduction launch to the last bit. Also exercises the tuner (``config=None``) on the first
+shape, at a decode, a boundary and a prefill M: each tuned call compiles and times every
+candidate, which would make the check take many minutes if done for every case.
 """
 import sys
+from dataclasses import replace
 
 import torch
 
 from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
 
-from . import sparse_tensor_cores
+from . import sparse_tensor_cores, tile_counters
 from ._common import DENSE_VARIANTS, KernelConfig, interpreting
 from .int4_matmul import int4_dequantize, int4_matmul
 from .sparse24_int4_matmul import sparse24_int4_dequantize, sparse24_int4_matmul
@@ -57,6 +59,41 @@ def _expand_failures(n, k, g, dtype, device) -> int:
             failures += 1
             print(f"FAIL expand {name} {dtype} n={n} k={k} g={g}: "
                   f"{int((expanded != exact).sum())} of {exact.numel()} weights differ", flush=True)
+    return failures
+
+
+def _in_kernel_reduction_failures(dev) -> int:
+    """Split-K partials summed in the kernel (``reduce_in_kernel``) against the reduction launch:
+    equal to the last bit, call after call (eager and replayed in a CUDA graph), with every tile
+    counter back to zero; the 4096 x 4096 weight gives hundreds of programs racing to finish."""
+    n, k, g = 4096, 4096, 128
+    configs = [KernelConfig(1, 16, 512, split_k=8, variant="gemv"),
+               KernelConfig(16, 64, 128, split_k=4, variant="split"),
+               KernelConfig(16, 64, 128, split_k=8, variant="rows", weight_left=True)]
+    failures = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for name, _, fn in _cases(n, k, g, dtype, dev):
+            for cfg in configs:
+                m = cfg.block_m
+                x = torch.randn(m, k, device=dev, dtype=dtype)
+                b = torch.randn(n, device=dev, dtype=dtype)
+                expected = fn(x, b, cfg)
+                in_kernel = replace(cfg, reduce_in_kernel=True)
+                outputs = [fn(x, b, in_kernel) for _ in range(20)]
+                graph, captured = torch.cuda.CUDAGraph(), None
+                with torch.cuda.graph(graph):
+                    captured = fn(x, b, in_kernel)
+                for _ in range(20):
+                    graph.replay()
+                    outputs.append(captured.clone())
+                torch.cuda.synchronize()
+                differ = sum(not torch.equal(y, expected) for y in outputs)
+                busy = sum(int(c.count_nonzero()) for _, c in tile_counters._COUNTERS.values())
+                if differ or busy:
+                    failures += 1
+                    print(f"FAIL in-kernel reduction {name} {dtype} {cfg}: {differ} of {len(outputs)} calls "
+                          f"differ from the reduction launch; {busy} counters not zero", flush=True)
+    print("in-kernel split-K reduction checked", flush=True)
     return failures
 
 
@@ -126,6 +163,7 @@ def main() -> int:
                             failures += 1
                             print(f"FAIL {name} {dtype} n={n} k={k} g={g} m={m} {cfg}: rel err {err:.2e}", flush=True)
         print(f"shape {n}x{k} g={g} done; worst so far {worst:.2e}", flush=True)
+    failures += _in_kernel_reduction_failures(dev)
     print(f"worst relative error {worst:.2e}; {failures} failure(s)")
     return 1 if failures else 0
 

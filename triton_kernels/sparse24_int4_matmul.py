@@ -52,10 +52,11 @@ def sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, off
 
 @triton.jit
 def _sparse24_int4_tile_kernel(
-    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -66,15 +67,17 @@ def _sparse24_int4_tile_kernel(
         q = sparse24_int4_codes_tile(qv_ptr, meta_ptr, stride_qn, stride_mg, offs_k, offs_n, N)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
         acc += dot_tile(a, q, UPCAST) * s.to(tl.float32)[None, :]
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
 def _sparse24_int4_split_kernel(
-    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
@@ -96,7 +99,8 @@ def _sparse24_int4_split_kernel(
             part += dot_tile(a, q, UPCAST)
         s = tl.load(s_ptr + (t // tiles_per_group) * stride_sg + offs_n, mask=offs_n < N, other=0.0)
         acc += part * s.to(tl.float32)[None, :]
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 # The decode spread (``rows`` at BLOCK_M <= 16) builds each dense position as a product of a kept
@@ -203,10 +207,11 @@ def spread_code_words(words, field, dtype: tl.constexpr, UPCAST: tl.constexpr, B
 
 @triton.jit
 def _sparse24_int4_rows_kernel(
-    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, tiles_per_group, first_bits, second_bits,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
     FOLD_SCALES: tl.constexpr, W_LEFT: tl.constexpr, BASE_LAST: tl.constexpr,
 ):
     """Decode (``BLOCK_M <= 16``): the spread of :func:`spread_kept_codes`, with x's columns
@@ -241,15 +246,17 @@ def _sparse24_int4_rows_kernel(
             field = meta_fields_rows(meta_ptr, stride_mg, offs_n, t, N, K, BLOCK_K)
             q = spread_code_words(words, field, a.dtype, UPCAST, BASE_LAST)
         acc = scaled_dot_rows(acc, a, q, s, FOLD_SCALES, UPCAST, W_LEFT)
-    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit(do_not_specialize=["one"])
 def _sparse24_int4_gemv_kernel(
-    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, qv_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_qn, stride_mg, stride_sg, magic, one,
     GROUPSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     """Decode on the CUDA cores, counted in instructions per kept code (the limit at M = 1).
 
@@ -309,7 +316,8 @@ def _sparse24_int4_gemv_kernel(
             total += part * s.to(tl.float32)
     # Reduced over the two words once, after the loop.
     acc = tl.sum(total, axis=2)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 def spread_base_last(cfg) -> bool:
@@ -414,27 +422,29 @@ def sparse24_int4_matmul(x, qvalues, meta, scales, groupsize: int, bias=None, *,
                 x2, meta, n, k, lambda out: dequantize_kept_into(out, qvalues, scales, groupsize),
                 sparse24_to_dense, bias,
             )
-        grid, y, ws = grid_and_buffers(x2, n, cfg)
+        grid, y, ws, done = grid_and_buffers(x2, n, cfg, qvalues)
         if cfg.variant == "gemv":
             _sparse24_int4_gemv_kernel[grid](
-                x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
+                x2, qvalues, meta, scales, bias if bias is not None else y, y, ws, done,
                 m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0), FLOAT_2_23_BITS, 1,
                 GROUPSIZE=groupsize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+                REDUCE_IN_KERNEL=done is not None,
                 EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            return finish_split_k(ws, y, bias, cfg, x2.dtype)
+            return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
         rows = {"BASE_LAST": spread_base_last(cfg)} if cfg.variant == "rows" else {}
         spread_bits = SPREAD_CODE_BITS[x2.dtype] if cfg.variant == "rows" else ()
         _KERNELS[cfg.variant][grid](
-            x2, qvalues, meta, scales, bias if bias is not None else y, y, ws,
+            x2, qvalues, meta, scales, bias if bias is not None else y, y, ws, done,
             m, n, k, x2.stride(0), qvalues.stride(0), meta.stride(0), scales.stride(0),
             groupsize // cfg.block_k, *spread_bits,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            REDUCE_IN_KERNEL=done is not None,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows_arguments(cfg, limits), **rows,
         )
-        return finish_split_k(ws, y, bias, cfg, x2.dtype)
+        return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
 
     if config is None:
         key = ("2:4-int4", m_bucket(m), n, k, groupsize, x2.dtype, x2.device)

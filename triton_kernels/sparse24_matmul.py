@@ -59,10 +59,11 @@ def sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N)
 
 @triton.jit
 def _sparse24_tile_kernel(
-    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_vn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     offs_m, offs_n, pid_k = program_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -72,15 +73,17 @@ def _sparse24_tile_kernel(
         a = load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K)
         w = sparse24_tile(val_ptr, meta_ptr, stride_vn, stride_mg, offs_k, offs_n, K, N)
         acc += dot_tile(a, w, UPCAST)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
 def _sparse24_split_kernel(
-    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, val_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_vn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # decode: one row tile holds all of x
     pid_k = tl.program_id(1)
@@ -101,7 +104,8 @@ def _sparse24_split_kernel(
             a = load_x_tile(x_ptr, offs_m, grp * 4 + p, stride_xm, M, K)
             w = tl.where(i0 == p, v0, tl.where(i1 == p, v1, zero))
             acc += dot_tile(a, w, UPCAST)
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
@@ -146,10 +150,11 @@ def x_group_columns(x_ptr, stride_xm, offs_m, grp, x_mask):
 
 @triton.jit
 def _sparse24_gemv_kernel(
-    x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_pn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, VALUE_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half).
     The four columns of x of each group are loaded once for the tile and each kept value picks its
@@ -172,7 +177,8 @@ def _sparse24_gemv_kernel(
         total += v0[None, :, :] * pick_column(a0[None, :, :], a1[None, :, :], x0, x1, x2, x3)
         total += v1[None, :, :] * pick_column(b0[None, :, :], b1[None, :, :], x0, x1, x2, x3)
     acc = tl.sum(total, axis=2)  # over the groups once, after the loop
-    store_result(acc, y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(acc, y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 @triton.jit
@@ -191,10 +197,11 @@ def sparse24_rows_tile(pair_ptr, meta_ptr, stride_pn, stride_mg, offs_n, t, N, K
 
 @triton.jit
 def _sparse24_rows_kernel(
-    x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr,
+    x_ptr, pair_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, done_ptr,
     M, N, K, stride_xm, stride_pn, stride_mg,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
     VALUE_DTYPE: tl.constexpr, W_LEFT: tl.constexpr,
 ):
     """``pair_ptr``: the values viewed as int32 ``[N, K/4]``, one word per group (v0 low half)."""
@@ -205,7 +212,8 @@ def _sparse24_rows_kernel(
         a = load_x_tile(x_ptr, offs_m, t * BLOCK_K + tl.arange(0, BLOCK_K), stride_xm, M, K)
         w = sparse24_rows_tile(pair_ptr, meta_ptr, stride_pn, stride_mg, offs_n, t, N, K, BLOCK_K, VALUE_DTYPE)
         acc = dot_rows(acc, a, w, UPCAST, W_LEFT)
-    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k, SPLIT_K, HAS_BIAS)
+    store_result(rows_result(acc, W_LEFT), y_ptr, ws_ptr, done_ptr, bias_ptr, offs_m, offs_n, M, N, pid_k,
+                 SPLIT_K, HAS_BIAS, REDUCE_IN_KERNEL)
 
 
 _KERNELS = {"tile": _sparse24_tile_kernel, "split": _sparse24_split_kernel, "rows": _sparse24_rows_kernel}
@@ -267,34 +275,37 @@ def sparse24_matmul(x, values, meta, bias=None, *, config=None):
         if cfg.variant == sparse_tensor_cores.VARIANT:
             return sparse_tensor_cores.sparse_matmul(x2, meta, n, k, lambda out: out.copy_(values),
                                                      sparse24_to_dense, bias)
-        grid, y, ws = grid_and_buffers(x2, n, cfg)
+        grid, y, ws, done = grid_and_buffers(x2, n, cfg, values)
         if cfg.variant == "gemv":
             _sparse24_gemv_kernel[grid](
-                x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws,
+                x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws, done,
                 m, n, k, x2.stride(0), values.stride(0) // 2, meta.stride(0),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                REDUCE_IN_KERNEL=done is not None,
                 HAS_BIAS=bias is not None, VALUE_DTYPE=_VALUE_DTYPES[values.dtype], EVEN_K=k % cfg.block_k == 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
-            return finish_split_k(ws, y, bias, cfg, x2.dtype)
+            return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
         if cfg.variant == "rows":
             _sparse24_rows_kernel[grid](
-                x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws,
+                x2, values.view(torch.int32), meta, bias if bias is not None else y, y, ws, done,
                 m, n, k, x2.stride(0), values.stride(0) // 2, meta.stride(0),
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                REDUCE_IN_KERNEL=done is not None,
                 GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
                 VALUE_DTYPE=_VALUE_DTYPES[values.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 **rows_arguments(cfg, LIMITS),
             )
-            return finish_split_k(ws, y, bias, cfg, x2.dtype)
+            return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
         _KERNELS[cfg.variant][grid](
-            x2, values, meta, bias if bias is not None else y, y, ws,
+            x2, values, meta, bias if bias is not None else y, y, ws, done,
             m, n, k, x2.stride(0), values.stride(0), meta.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+            REDUCE_IN_KERNEL=done is not None,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, UPCAST=interpreting(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return finish_split_k(ws, y, bias, cfg, x2.dtype)
+        return finish_split_k(ws, y, bias, cfg, x2.dtype, done)
 
     if config is None:
         key = ("2:4", m_bucket(m), n, k, values.dtype, x2.dtype, x2.device)
