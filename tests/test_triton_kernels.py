@@ -316,29 +316,33 @@ def test_tile_counters_belong_to_their_weight():
     assert key not in counters._COUNTERS  # gone with its weight
 
 
-def test_tuner_times_the_fastest_split_tile_summing_in_the_kernel(monkeypatch):
-    # Timings are faked: the tuner's logic, not the GPU, is under test.
+def test_tuner_times_the_fastest_split_tiles_summing_in_the_kernel(monkeypatch):
+    # Timings are faked: the tuner's logic, not the GPU, is under test. The split tiles are timed
+    # 1.0, 1.1, 1.2, ... in candidate order, the others 2.0 or, in the last case, 0.5.
     common = importlib.import_module("pyprune.triton_kernels._common")
     monkeypatch.setattr(common, "interpreting", lambda: False)
     monkeypatch.setattr(common, "_num_sms", lambda device: 132)
     gpu = type("FakeDevice", (), {"type": "cuda"})()
     cands = candidate_configs(16, 4096, 4096, SPARSE24_LIMITS, gpu, allow_dense=False)
-    split = next(c for c in cands if c.split_k > 1)
-    whole = next(c for c in cands if c.split_k == 1)
-    for fastest, in_kernel_ms, expected in ((split, 0.5, replace(split, reduce_in_kernel=True)),
-                                           (split, 2.0, split), (whole, 0.5, whole)):
+    split = [c for c in cands if c.split_k > 1]
+    assert len(split) > common.SUMMED_IN_KERNEL_TIMED and any(c.split_k == 1 for c in cands)
+    for in_kernel_ms, whole_ms, expected in (
+            ({split[1]: 0.9, split[3]: 0.1}, 2.0, replace(split[1], reduce_in_kernel=True)),  # 4th: not timed
+            ({}, 2.0, split[0]),  # summing in the kernel slower everywhere
+            ({split[0]: 0.9}, 0.5, next(c for c in cands if c.split_k == 1))):
         timed = []
 
         def fake_time(key, cfg, launch):
             timed.append(cfg)
             if cfg.reduce_in_kernel:
-                return in_kernel_ms
-            return 1.0 if cfg == fastest else 3.0
+                return in_kernel_ms.get(replace(cfg, reduce_in_kernel=False), 5.0)
+            return 1.0 + 0.1 * split.index(cfg) if cfg in split else whole_ms
         monkeypatch.setattr(common, "_time_config", fake_time)
-        key = ("fake", id(fastest), in_kernel_ms)
+        key = ("fake", whole_ms, tuple(in_kernel_ms.values()))
         assert common.pick_config(key, 16, 4096, 4096, SPARSE24_LIMITS, gpu, None) == expected
-        assert sum(c.reduce_in_kernel for c in timed) == (fastest.split_k > 1)
+        assert timed[len(cands):] == [replace(c, reduce_in_kernel=True) for c in split[:common.SUMMED_IN_KERNEL_TIMED]]
         common._TUNED.pop(key)
+
 
 def test_dequantize_kernels_are_exact():
     w = prune_2of4(torch.randn(40, 256))

@@ -67,8 +67,13 @@ TUNE_ENV = "PYPRUNE_TRITON_TUNE"
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# Read once, as Triton does when it decorates the kernels: they were built interpreted or compiled
+# at import, whatever the variable says later (and a launch then reads no environment).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRETING
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,12 @@ class KernelConfig:
     fold_scales: bool = False  # "rows" of an INT4 format, fp16 only: see scaled_dot_rows
     weight_left: bool = False  # "rows": the decoded weight is the dot's left operand, see dot_rows
     reduce_in_kernel: bool = False  # split_k > 1: the partials summed in the kernel, see store_result
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. ``triton.cdiv`` is a constexpr function for kernels, whose
+    Python call costs microseconds: a launch computes several of these."""
+    return -(-a // b)
 
 
 def next_pow2(x: int) -> int:
@@ -144,14 +155,14 @@ class KernelLimits:
 
 
 def _decode_config(N, K, bk, bn, variant, device, num_stages=3) -> KernelConfig:
-    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device)
+    split = choose_split_k(cdiv(N, bn), cdiv(K, bk), device)
     return KernelConfig(16, bn, bk, split_k=split, num_warps=4, num_stages=num_stages, variant=variant)
 
 
 def _gemv_config(M, N, K, bk, bn, device, num_warps=4, num_stages=3, waves=8) -> KernelConfig:
     # Many small programs keep enough loads in flight to stream the weight at full bandwidth; with
     # few waves (no split when the rows alone fill the GPU) the split-K reduction launch is saved.
-    split = choose_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), device, waves=waves)
+    split = choose_split_k(cdiv(N, bn), cdiv(K, bk), device, waves=waves)
     return KernelConfig(next_pow2(M), bn, bk, split_k=split, num_warps=num_warps, num_stages=num_stages,
                         variant="gemv")
 
@@ -166,13 +177,13 @@ def default_config(M: int, N: int, K: int, limits: KernelLimits, device) -> Kern
     if interpreting():
         if M <= 2:
             bk = GEMV_MIN_BLOCK_K
-            return KernelConfig(next_pow2(M), 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant="gemv")
+            return KernelConfig(next_pow2(M), 32, bk, split_k=min(2, cdiv(K, bk)), num_stages=1, variant="gemv")
         if M <= DECODE_MAX_M:
             if limits.split_ok:
                 bk, variant = limits.split_block_k, "split"
             else:
                 bk, variant = min(32, limits.block_k_max), "tile"
-            return KernelConfig(16, 32, bk, split_k=min(2, triton.cdiv(K, bk)), num_stages=1, variant=variant)
+            return KernelConfig(16, 32, bk, split_k=min(2, cdiv(K, bk)), num_stages=1, variant=variant)
         return KernelConfig(32, 32, min(32, limits.block_k_max), split_k=1, num_warps=4, num_stages=1)
     if M <= 2:
         return _gemv_config(M, N, K, limits.gemv_block_k[0], limits.gemv_block_n[0], device)
@@ -254,6 +265,7 @@ def candidate_configs(M: int, N: int, K: int, limits: KernelLimits, device, allo
 
 _TUNED = {}
 _TUNE_LOCK = threading.Lock()
+SUMMED_IN_KERNEL_TIMED = 3  # split-K tiles the tuner also times summing in the kernel (pick_config)
 
 
 def tuning_enabled() -> bool:
@@ -263,25 +275,25 @@ def tuning_enabled() -> bool:
 def pick_config(key, M, N, K, limits: KernelLimits, device, launch, allow_dense=False) -> KernelConfig:
     """The configuration for this shape: fixed under the interpreter or with tuning off, else the
     fastest candidate (timed once per key and cached; candidates that fail to compile or run out
-    of shared memory are skipped). Where the fastest splits K, the same tile summing its partials
-    in the kernel (``reduce_in_kernel``) is timed too: where the partials are summed does not
-    change the tile's work, so it is chosen after the tile."""
+    of shared memory are skipped). The ``SUMMED_IN_KERNEL_TIMED`` fastest tiles that split K are
+    then timed again summing their partials in the kernel (``reduce_in_kernel``): that saves a
+    launch, which favours more splits, but does not change a tile's own work, so it is tried on
+    the tiles that already lead."""
     if interpreting() or device.type != "cuda" or not tuning_enabled():
         return default_config(M, N, K, limits, device)
     with _TUNE_LOCK:
         if key in _TUNED:
             return _TUNED[key]
-        best, best_ms = None, float("inf")
-        for cfg in candidate_configs(M, N, K, limits, device, allow_dense):
-            ms = _time_config(key, cfg, launch)
-            if ms < best_ms:
-                best, best_ms = cfg, ms
-        if best is None:
+        timed = [(_time_config(key, cfg, launch), i, cfg)
+                 for i, cfg in enumerate(candidate_configs(M, N, K, limits, device, allow_dense))]
+        split = [cfg for ms, _, cfg in sorted(timed)
+                 if ms < float("inf") and cfg.split_k > 1 and cfg.variant not in WHOLE_WEIGHT_VARIANTS]
+        for cfg in split[:SUMMED_IN_KERNEL_TIMED]:
+            in_kernel = replace(cfg, reduce_in_kernel=True)
+            timed.append((_time_config(key, in_kernel, launch), len(timed), in_kernel))
+        best_ms, _, best = min(timed)
+        if best_ms == float("inf"):
             raise RuntimeError(f"no kernel configuration could run for {key}")
-        if best.split_k > 1 and best.variant not in WHOLE_WEIGHT_VARIANTS:
-            in_kernel = replace(best, reduce_in_kernel=True)
-            if _time_config(key, in_kernel, launch) < best_ms:
-                best = in_kernel
         _TUNED[key] = best
         return best
 
@@ -416,7 +428,7 @@ def grid_and_buffers(x2, N, cfg: KernelConfig, weight: torch.Tensor):
     sums where the configuration reduces in the kernel and ``weight``'s tile counters can be used
     (``done``; see ``tile_counters``), else ``finish_split_k`` (``done`` is None)."""
     M = x2.shape[0]
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), cfg.split_k)
     y = torch.empty((M, N), dtype=store_dtype(x2.dtype), device=x2.device)
     ws = torch.empty((cfg.split_k, M, N), dtype=torch.float32, device=x2.device) if cfg.split_k > 1 else y
     done = None
@@ -442,7 +454,7 @@ def dense_chunk_rows(M: int, device, waves: int = 2) -> int:
     """Rows of W per chunk of the "dense_chunks" variant: enough for ``waves`` waves of cuBLAS's
     128 x 128 output tiles over the GPU's SMs at this M (fewer rows would idle SMs in every
     chunk's GEMM), in multiples of 128."""
-    return triton.cdiv(waves * _num_sms(device), triton.cdiv(M, 128)) * 128
+    return cdiv(waves * _num_sms(device), cdiv(M, 128)) * 128
 
 
 def dense_matmul(cfg: KernelConfig, x2: torch.Tensor, n: int, expand_rows, bias) -> torch.Tensor:
@@ -462,6 +474,8 @@ def dense_matmul(cfg: KernelConfig, x2: torch.Tensor, n: int, expand_rows, bias)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         w = expand_into(buffer[: n1 - n0], lambda target: expand_rows(target, n0, n1))
+        # y's column slice has unit column stride and a row stride >= its width: torch hands it
+        # to cuBLAS as it is (a leading dimension), so the GEMM writes y in place, no copy.
         if bias is None:
             torch.mm(x2, w.t(), out=y[:, n0:n1])
         else:
@@ -480,7 +494,7 @@ def finish_split_k(ws, y, bias, cfg: KernelConfig, dtype: torch.dtype, done=None
 def _reduce(ws, y, bias, cfg: KernelConfig):
     M, N = y.shape
     block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+    _splitk_reduce_kernel[(cdiv(M * N, block),)](
         ws, bias if bias is not None else y, y, M * N, N,
         SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None, BLOCK=block,
     )

@@ -15,12 +15,14 @@ rebuilds the ``[BLOCK_K, BLOCK_N]`` code tile; ``split`` (decode, needs G >= 128
 (each row's run along K is contiguous), decodes them field by field and multiplies each field
 with x's columns ``8j + i`` (every row of x) on the CUDA cores, then applies the group's scale.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, dot_tile, DENSE_VARIANTS,
+    KernelLimits, as_2d, cdiv, check_activation, empty_result, check_config, check_fold, dot_tile, DENSE_VARIANTS,
     dense_matmul, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting, k_range,
     load_x_tile, m_bucket, pick_config, pow2_divisor, store_result, store_rows, program_tile, expand_blocks,
     int4_words_as, scaled_dot_rows, rows_accumulator, rows_result, word_field_code, FLOAT_2_23_BITS,
@@ -192,6 +194,7 @@ def _check_packed(qweight, scales, groupsize):
     return n, k
 
 
+@functools.lru_cache(maxsize=None)  # one per group size: a launch asks for it
 def int4_limits(groupsize: int) -> KernelLimits:
     # gemv: BLOCK_K 1024 spills registers, and 512 does at M = 2 under Triton 3.6
     # (bench/bench_kernel_instructions.py); above M = 2 the tensor-core kernels take fewer
@@ -213,7 +216,7 @@ def dequantize_into(out, qweight, scales, groupsize: int):
     n, k = out.shape
     bn, bk = expand_blocks()
     bk = pow2_divisor(groupsize, bk)  # one scale per row of a tile
-    _int4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
+    _int4_dequant_kernel[(cdiv(n, bn), k // bk)](
         qweight, scales, out, n, k, qweight.stride(0), scales.stride(0), groupsize, BLOCK_N=bn, BLOCK_K=bk,
     )
 

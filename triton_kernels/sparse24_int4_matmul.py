@@ -15,12 +15,14 @@ columns, one metadata word and two code words, picks each kept code's column of 
 applies the scales to the per-group sums. ``cusparselt`` (prefill, fp16) dequantizes the kept
 codes to ``[N, K/2]`` values and multiplies on the sparse tensor cores (``sparse_tensor_cores``).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    DECODE_MAX_M, KernelLimits, as_2d, check_activation, empty_result, check_config, check_fold, DENSE_VARIANTS,
+    DECODE_MAX_M, KernelLimits, as_2d, cdiv, check_activation, empty_result, check_config, check_fold, DENSE_VARIANTS,
     dense_matmul, dot_tile, expand_into, finish_split_k, rows_arguments, grid_and_buffers, interpreting,
     k_range, load_x_tile, m_bucket, pick_config, pow2_divisor, store_result, store_rows, program_tile,
     expand_blocks, int4_word_fields, interleave4, int4_code_base, scaled_dot_rows, rows_accumulator, rows_result,
@@ -367,6 +369,7 @@ def _check_packed(qvalues, meta, scales, groupsize):
     return n, k
 
 
+@functools.lru_cache(maxsize=None)  # one per group size: a launch asks for it
 def sparse24_int4_limits(groupsize: int) -> KernelLimits:
     # gemv: tall row tiles share each column of x among many rows of a thread (1024 rows spill
     # registers at M = 2, and with BLOCK_K = 256 at M = 1; 256 saves nothing on 512 or fewer
@@ -388,7 +391,7 @@ def _dequantize(out, qvalues, meta, scales, groupsize: int):
     n, k = out.shape
     bn, bk = expand_blocks()
     bk = pow2_divisor(groupsize, bk)  # one scale per row of a tile (G is a multiple of 32)
-    _sparse24_int4_dequant_kernel[(triton.cdiv(n, bn), k // bk)](
+    _sparse24_int4_dequant_kernel[(cdiv(n, bn), k // bk)](
         qvalues, meta, scales, out, n, k, qvalues.stride(0), meta.stride(0), scales.stride(0), groupsize,
         BLOCK_N=bn, BLOCK_K=bk,
     )

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from . import sparse_tensor_cores
 from ._common import (
-    KernelLimits, as_2d, check_activation, empty_result, check_config, DENSE_VARIANTS, dense_matmul, dot_tile,
+    KernelLimits, as_2d, cdiv, check_activation, empty_result, check_config, DENSE_VARIANTS, dense_matmul, dot_tile,
     expand_into, finish_split_k, grid_and_buffers, interpreting, k_range, load_x_tile, m_bucket,
     pick_config, store_result, store_rows, program_tile, expand_blocks, dot_rows, rows_accumulator, rows_arguments,
     rows_result, spread_sorted_pairs, unpack_fields, gemv_masks, lane_halves,
@@ -251,7 +251,7 @@ def _expand(out, values, meta):
     (``[K/32, rows]``, any row stride) into the contiguous ``out``."""
     n, k = out.shape
     bn, bk = expand_blocks()
-    _sparse24_dense_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    _sparse24_dense_kernel[(cdiv(n, bn), cdiv(k, bk))](
         values.view(torch.int32), meta, out, n, k, values.stride(0) // 2, meta.stride(0),
         BLOCK_N=bn, BLOCK_K=bk, VALUE_DTYPE=_VALUE_DTYPES[values.dtype],
     )
