@@ -67,8 +67,8 @@ def _in_kernel_reduction_failures(dev) -> int:
     equal to the last bit, call after call (eager and replayed in a CUDA graph), with every tile
     counter back to zero; the 4096 x 4096 weight gives hundreds of programs racing to finish."""
     n, k, g = 4096, 4096, 128
+    # Every variant stores through the same store_result: one on the CUDA cores, one with wgmma.
     configs = [KernelConfig(1, 16, 512, split_k=8, variant="gemv"),
-               KernelConfig(16, 64, 128, split_k=4, variant="split"),
                KernelConfig(16, 64, 128, split_k=8, variant="rows", weight_left=True)]
     failures = 0
     for dtype in (torch.float16, torch.bfloat16):
@@ -80,7 +80,7 @@ def _in_kernel_reduction_failures(dev) -> int:
                 expected = fn(x, b, cfg)
                 in_kernel = replace(cfg, reduce_in_kernel=True)
                 outputs = [fn(x, b, in_kernel) for _ in range(20)]
-                graph, captured = torch.cuda.CUDAGraph(), None
+                graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     captured = fn(x, b, in_kernel)
                 for _ in range(20):
