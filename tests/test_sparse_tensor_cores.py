@@ -15,6 +15,7 @@ import torch
 from pyprune.formats import pack_sparse24, quantize_int4, quantize_sparse24_int4
 from pyprune.triton_kernels import KernelConfig, int4_matmul, sparse24_int4_matmul, sparse24_matmul
 from pyprune.triton_kernels import sparse_tensor_cores
+from pyprune.triton_kernels.tensor_keyed import TensorKeyed
 from pyprune.triton_kernels._common import candidate_configs
 from pyprune.triton_kernels.int4_matmul import int4_limits
 from pyprune.triton_kernels.sparse24_int4_matmul import sparse24_int4_limits
@@ -82,7 +83,7 @@ def library(monkeypatch):
     monkeypatch.setattr(sparse_tensor_cores, "_multiply", lib.multiply)
     monkeypatch.setattr(sparse_tensor_cores, "_search", lib.search)
     monkeypatch.setattr(sparse_tensor_cores, "_ALGORITHMS", {})
-    monkeypatch.setattr(sparse_tensor_cores, "_METADATA", {})
+    monkeypatch.setattr(sparse_tensor_cores, "_METADATA", TensorKeyed())
     monkeypatch.setattr(sparse_tensor_cores, "unsupported_reason", lambda *args: "")
     return lib
 

@@ -16,18 +16,15 @@ Kept values equal to zero are harmless: the probe's are never zero, so the metad
 the weight's own positions. cuSPARSELt's algorithm is searched once per shape and power-of-two
 bucket of M.
 """
-import weakref
-
 import torch
+
+from .tensor_keyed import TensorKeyed
 
 VARIANT = "cusparselt"
 _ALIGN_M = 8  # rows of x are padded to a multiple of this (cuSPARSELt's 16-byte alignment)
 _ALIGN_NK = 16  # N and K: the smallest sparse tile of 16-bit types
 _PROBE_PERIOD = 256  # probe values 1..256: exact integers in fp16 and in bf16 (8 significant bits)
-# id(meta) -> (weak reference to meta, (in-place version, dtype, N, K), its library metadata); an
-# entry goes with its tensor. Held here, not as an attribute of the tensor, which torch.save would
-# pickle with it.
-_METADATA = {}
+_METADATA = TensorKeyed()  # meta -> ((in-place version, dtype, N, K), its library metadata)
 
 
 def library_available() -> bool:
@@ -114,11 +111,10 @@ def _version(t: torch.Tensor):
 def cached_metadata(meta: torch.Tensor, n: int, k: int, dtype, to_dense) -> tuple:
     """``_library_metadata``, computed once per ``meta`` tensor, dtype and in-place version."""
     key = (_version(meta), dtype, n, k)
-    entry = _METADATA.get(id(meta))
-    if entry is None or entry[0]() is not meta or entry[1] != key:
-        forget = weakref.ref(meta, lambda _, i=id(meta): _METADATA.pop(i, None))
-        entry = _METADATA[id(meta)] = (forget, key, _library_metadata(meta, n, k, dtype, to_dense))
-    return entry[2]
+    cached = _METADATA.value(meta)
+    if cached is None or cached[0] != key:
+        cached = _METADATA.keep(meta, (key, _library_metadata(meta, n, k, dtype, to_dense)))
+    return cached[1]
 
 
 def sparse_matmul(x2, meta, n: int, k: int, fill_kept, to_dense, bias=None):

@@ -9,24 +9,20 @@ run one after another on its stream. Counters are created outside CUDA graph cap
 buffer zeroed inside a capture is zero only once the graph has run): a captured launch for a
 weight that has none falls back to the separate reduction.
 """
-import weakref
-
 import torch
 
-# id(weight) -> (weak reference to the weight, its counters); an entry goes with its weight.
-_COUNTERS = {}
+from .tensor_keyed import TensorKeyed
+
+_COUNTERS = TensorKeyed()  # packed weight -> its counters
 
 
 def for_weight(weight: torch.Tensor, rows: int, tiles: int):
     """Zeroed int32 counters (``rows`` of them: one per output row is enough for every decode
     tile) for the products with ``weight``, or None where this launch cannot use them: more
     ``tiles`` than counters, or none yet while a CUDA graph is being captured."""
-    entry = _COUNTERS.get(id(weight))
-    if entry is None or entry[0]() is not weight:
+    counters = _COUNTERS.value(weight)
+    if counters is None:
         if weight.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
-        counters = torch.zeros(max(rows, 1), dtype=torch.int32, device=weight.device)
-        forget = weakref.ref(weight, lambda _, key=id(weight): _COUNTERS.pop(key, None))
-        entry = _COUNTERS[id(weight)] = (forget, counters)
-    counters = entry[1]
+        counters = _COUNTERS.keep(weight, torch.zeros(max(rows, 1), dtype=torch.int32, device=weight.device))
     return counters if tiles <= counters.numel() else None
